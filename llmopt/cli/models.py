@@ -1,0 +1,91 @@
+"""`llmopt models`: build the builtin models, print facts about any model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llmopt.cli import options as opt
+from llmopt.cli.console import out
+from llmopt.errors import LlmoptError
+
+app = typer.Typer(no_args_is_help=True, help="Build the builtin models; show a model's shapes, weight and KV-cache bytes.")
+
+
+@app.command("build")
+def build(
+    name: Annotated[str, typer.Argument(help="Builtin model to build: tiny (tiny-student is an untrained config).")] = "tiny",
+    seed: opt.Seed = 0,
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default: the recipe's).")] = None,
+) -> None:
+    """Train a builtin model offline on the builtin corpus and cache it (LLMOPT_HOME, default ~/.cache/llmopt)."""
+    from llmopt.models.builtin import build as build_model, get_recipe
+    from llmopt.models.progress import build_progress
+
+    name = name.removeprefix("builtin:")
+    recipe = get_recipe(name)
+    if steps is not None and steps <= 0:
+        raise LlmoptError("--steps must be positive")
+    recipe = replace(recipe, seed=seed, steps=steps or recipe.steps)
+    report = build_model(name, progress=build_progress(), recipe=recipe)
+    t = Table(title=f"builtin:{name}", show_header=False)
+    t.add_row("path", report.path)
+    t.add_row("parameters", f"{report.params:,}")
+    t.add_row("train tokens / steps", f"{report.train_tokens:,} / {report.steps}")
+    t.add_row("held-out tokens", f"{report.test_tokens:,}")
+    t.add_row("held-out perplexity", f"{report.perplexity:.2f}")
+    t.add_row("unigram perplexity", f"{report.unigram_perplexity:.2f}")
+    t.add_row("unigram / model", f"{report.ratio:.2f}×")
+    t.add_row("build time", f"{report.seconds:.1f} s")
+    out.print(t)
+
+
+@app.command("info")
+def info(
+    model: Annotated[str, typer.Argument(help="Hub id, local checkpoint dir, or builtin:tiny.")],
+    context: Annotated[int, typer.Option("--context", help="Tokens per sequence for the KV-cache size.")] = 4096,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences for the KV-cache size.")] = 1,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    trust_remote_code: opt.TrustRemoteCode = False,
+    revision: opt.Revision = None,
+    as_json: opt.Json = False,
+) -> None:
+    """Parameters, layers, heads, weight bytes and KV-cache bytes (2·layers·tokens·kv_heads·head_dim·bytes)."""
+    from llmopt.models import ModelSpec, load_config, model_info, resolve_path
+    from llmopt.utils import resolve_device, resolve_dtype
+
+    if context <= 0 or batch <= 0:
+        raise LlmoptError("--context and --batch must be positive")
+    spec = ModelSpec(model, device, dtype, trust_remote_code, revision)
+    path = resolve_path(spec)
+    config = load_config(path, trust_remote_code)
+    mi = model_info(model, path, config, resolve_dtype(dtype, resolve_device(device)), context, batch)
+    if as_json:
+        out.print_json(json.dumps(asdict(mi)))
+        return
+    t = Table(title=model, show_header=False)
+    for key, label, fmt in [
+        ("architecture", "architecture", str), ("params", "parameters", "{:,}".format),
+        ("layers", "layers", str), ("heads", "attention heads", str), ("kv_heads", "kv heads", str),
+        ("head_dim", "head dim", str), ("hidden_size", "hidden size", str), ("vocab_size", "vocab", "{:,}".format),
+        ("dtype", "dtype", str), ("quantization", "quantization", lambda v: v or "none"),
+        ("weight_bytes", "weight bytes", _bytes), ("kv_bytes_per_token", "KV bytes / token", _bytes),
+    ]:
+        t.add_row(label, fmt(getattr(mi, key)))
+    t.add_row(f"KV bytes ({batch} × {context} tokens)", _bytes(mi.kv_bytes))
+    out.print(t)
+
+
+def _bytes(n: int) -> str:
+    """'1.50 MiB (1,572,864 B)': human size next to the exact count."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n:,} B" if unit == "B" else f"{size:,.2f} {unit} ({n:,} B)"

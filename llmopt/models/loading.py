@@ -1,0 +1,180 @@
+"""Resolve a model argument (hub id, local dir, builtin:NAME) and load it, safetensors only."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmopt.errors import LlmoptError
+from llmopt.utils import resolve_device, resolve_dtype
+
+BUILTIN_PREFIX = "builtin:"
+# Architectures whose checkpoints carry no causal LM head: clear error instead of a random head.
+_ENCODER_ONLY = {"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+                 "mpnet", "camembert", "ernie", "modernbert", "funnel", "layoutlm", "xlm", "flaubert", "squeezebert"}
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What the user asked for: a hub id, a local directory, or builtin:NAME, and how to run it."""
+
+    name: str
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.strip():
+            raise LlmoptError("empty model argument: give a hub id, a local directory or builtin:tiny")
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A model ready to run, with its tokenizer and what it was loaded from."""
+
+    model: Any  # transformers PreTrainedModel (possibly with llmopt runtime modules inside)
+    tokenizer: Any
+    spec: ModelSpec
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    meta: dict = field(default_factory=dict)  # llmopt.json of the checkpoint, if any
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def quantization(self) -> dict | None:
+        qc = getattr(self.model.config, "quantization_config", None)
+        return qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else None)
+
+
+def resolve_path(spec: ModelSpec) -> Path:
+    """Local directory holding the checkpoint; builds builtin models and downloads hub ids as needed."""
+    name = spec.name.strip()
+    if name.startswith(BUILTIN_PREFIX):
+        from llmopt.models.builtin import ensure_built
+
+        return ensure_built(name[len(BUILTIN_PREFIX):], progress=_build_progress())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LlmoptError(f"model path {path} is a file: give the checkpoint directory that holds config.json")
+        return path
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise LlmoptError(f"model path {name} does not exist: give a local checkpoint directory, a hub id "
+                          f"(org/name) or builtin:tiny")
+    return _download(name, spec.revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES))
+    except Exception as e:  # network errors, 401/404, offline mode: all mean "cannot get it"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LlmoptError(f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face "
+                          f"hub ({type(e).__name__}: {first[:160]}): check the id, your network and HF_TOKEN") from e
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    """The checkpoint's config, checked to describe a causal (decoder) language model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not (path / "config.json").exists():
+        raise LlmoptError(f"{path} has no config.json: expected a Hugging Face causal LM checkpoint directory")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in str(e) else ""
+        raise LlmoptError(f"{path}/config.json is not a config transformers understands{hint}") from e
+    mtype = getattr(config, "model_type", "")
+    if mtype in _ENCODER_ONLY or getattr(config, "is_encoder_decoder", False):
+        raise LlmoptError(f"{path} is a {mtype!r} model ({'encoder-decoder' if config.is_encoder_decoder else 'encoder-only'}): "
+                          f"llmopt needs a decoder-only causal LM such as Llama, Mistral or Qwen")
+    archs = getattr(config, "architectures", None) or []
+    is_causal = mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any(a.endswith(("ForCausalLM", "LMHeadModel"))
+                                                                     for a in archs)
+    if not is_causal and not (trust_remote_code and getattr(config, "auto_map", None)):
+        raise LlmoptError(f"{path} holds a {mtype!r} model that is not a causal LM: llmopt needs a decoder-only LM")
+    return config
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise LlmoptError(f"cannot load a tokenizer from {path} ({type(e).__name__}): the checkpoint needs "
+                          f"tokenizer files") from e
+    if tok.pad_token_id is None:  # batching needs a pad id; EOS is the usual stand-in
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def read_meta(path: Path) -> dict:
+    meta = path / "llmopt.json"
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def _check_safetensors(path: Path) -> None:
+    if any(path.glob("*.safetensors")):
+        return
+    unsafe = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if unsafe:
+        raise LlmoptError(f"{path} has only pickle weights ({unsafe[0]}): llmopt loads safetensors only; convert "
+                          f"them with a trusted tool first")
+    raise LlmoptError(f"{path} holds no .safetensors weights: expected a causal LM checkpoint directory")
+
+
+def load_model(spec: ModelSpec | str) -> LoadedModel:
+    """Load a causal LM (float or an llmopt-readable quantized checkpoint) on the requested device/dtype."""
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    path = resolve_path(spec)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    config = load_config(path, spec.trust_remote_code)
+    _check_safetensors(path)
+    tokenizer = load_tokenizer(path, spec.trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        from llmopt.runtime import load_quantized_model
+
+        model = load_quantized_model(path, config, device, dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise LlmoptError(f"cannot load weights from {path} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]})") from e
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, spec, path, device, dtype, read_meta(path))
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Write an HF checkpoint (safetensors) into an existing directory."""
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def _build_progress():
+    """A rich progress callback for building a builtin model on first use (stderr, so JSON on stdout stays clean)."""
+    from llmopt.models.progress import build_progress
+
+    return build_progress()

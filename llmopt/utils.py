@@ -1,0 +1,108 @@
+"""Small shared helpers: device/dtype resolution, atomic output dirs, hashing, cache home."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llmopt.errors import LlmoptError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def llmopt_home() -> Path:
+    """Cache root: $LLMOPT_HOME, else ~/.cache/llmopt."""
+    return Path(os.environ.get("LLMOPT_HOME") or Path.home() / ".cache" / "llmopt")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' → CUDA when present, else CPU; anything else is checked for availability."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LlmoptError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LlmoptError(f"device {device!r} requested but no CUDA device is available: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """'auto' → bf16 on CUDA, fp32 on CPU (CPU half matmuls are slow and inexact)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise LlmoptError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sha256_tensor(t: torch.Tensor) -> str:
+    """Stable content hash of a tensor (dtype, shape and bytes)."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sha256_json(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless overwrite; check the parent is writable. Writes nothing."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LlmoptError(f"output {out} already exists: choose another --out or pass --overwrite")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():  # the first existing ancestor must be writable
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise LlmoptError(f"cannot write to {parent}: choose a writable --out")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success rename it to `out`, on any error delete it.
+
+    An interrupted run therefore never leaves a half-written `out`.
+    """
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def write_json(path: Path, obj: object) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
