@@ -26,7 +26,9 @@ class _Group(TyperGroup):
         except LlmoptError as e:
             if _debug():
                 raise
-            err.print(f"[bold red]error:[/] {e}", soft_wrap=True, markup=True, highlight=False)
+            from rich.markup import escape  # messages quote extras such as 'llmopt[gptqmodel]'
+
+            err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, markup=True, highlight=False)
             raise typer.Exit(e.exit_code) from None
 
 
@@ -50,13 +52,15 @@ def _root(
 
 
 def _register() -> None:
-    from llmopt.cli import distill, evaluate, models, quantize, run
+    from llmopt.cli import backends, distill, evaluate, models, quantize, run, verify
 
     app.command("quantize", no_args_is_help=True)(quantize.quantize)
     app.command("distill", no_args_is_help=True)(distill.distill)
     app.command("eval", no_args_is_help=True)(evaluate.evaluate)
     app.command("run", no_args_is_help=True)(run.run)
+    app.command("verify", no_args_is_help=True)(verify.verify)
     app.add_typer(models.app, name="models")
+    app.add_typer(backends.app, name="backends")
 
 
 _register()

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from llmopt.cli import options as opt
 from llmopt.cli.console import out
-from llmopt.errors import LlmoptError
+from llmopt.errors import CheckFailed, LlmoptError
 
 app = typer.Typer(no_args_is_help=True, help="Build the builtin models; show a model's shapes, weight and KV-cache bytes.")
 
@@ -21,6 +21,8 @@ def build(
     name: Annotated[str, typer.Argument(help="Builtin model to build: tiny (tiny-student is an untrained config).")] = "tiny",
     seed: opt.Seed = 0,
     steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default: the recipe's).")] = None,
+    min_ratio: Annotated[float, typer.Option(
+        "--min-ratio", help="Fail (exit 1) unless unigram perplexity / model perplexity reaches this.")] = 5.0,
 ) -> None:
     """Train a builtin model offline on the builtin corpus and cache it (LLMOPT_HOME, default ~/.cache/llmopt)."""
     from llmopt.models.builtin import build as build_model, get_recipe
@@ -42,6 +44,9 @@ def build(
     t.add_row("unigram / model", f"{report.ratio:.2f}×")
     t.add_row("build time", f"{report.seconds:.1f} s")
     out.print(t)
+    if recipe.trainable and report.ratio < min_ratio:
+        raise CheckFailed(f"builtin:{name} reached only {report.ratio:.2f}× below unigram perplexity "
+                          f"(--min-ratio {min_ratio}): train longer with --steps")
 
 
 @app.command("info")

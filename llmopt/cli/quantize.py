@@ -1,8 +1,88 @@
-"""`llmopt quantize` (being built; see its issue)."""
+"""`llmopt quantize`: parse options → QuantizeArgs → quantize() → tables (or JSON)."""
 
-from llmopt.errors import LlmoptError
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmopt.cli.options import ChatTemplate, Device, Dtype, Json, Overwrite, Revision, Samples, Seed, SeqLen, Split, \
+    TextField, TrustRemoteCode
+from llmopt.quant.types import FORMATS, METHODS
 
 
-def quantize() -> None:
-    """Not available yet."""
-    raise LlmoptError("llmopt quantize is not available in this build yet")
+def quantize(
+    model: Annotated[str, typer.Argument(help="Hub id, local checkpoint directory or builtin:tiny.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")],
+    method: Annotated[str, typer.Option("--method", "-m", help=f"One of {', '.join(METHODS)}.")] = "gptq",
+    bits: Annotated[int | None, typer.Option("--bits", help="Weight bits (default 8 for int8/w8a8, else 4).")] = None,
+    group_size: Annotated[int | None, typer.Option(
+        "--group-size", help="Input channels per scale; -1 = per channel (default -1 for int8/w8a8, else 128).")] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric (default: asym for awq).",
+                                             show_default=False)] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help=f"Checkpoint format: {', '.join(FORMATS)}.")]
+    = "compressed-tensors",
+    calib: Annotated[str, typer.Option("--calib", help="Calibration text: builtin, wikitext2, c4, pileval, a "
+                                                      "datasets id or a local file/folder.")] = "builtin",
+    samples: Samples = 128,
+    seq_len: SeqLen = 256,
+    split: Split = None,
+    text_field: TextField = "text",
+    chat_template: ChatTemplate = False,
+    damp: Annotated[float, typer.Option("--damp", help="GPTQ: dampening, fraction of mean Hessian diagonal.")] = 0.01,
+    block_size: Annotated[int, typer.Option("--block-size", help="GPTQ: columns per lazy-update block.")] = 128,
+    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns by decreasing Hessian "
+                                                                "diagonal.")] = False,
+    static_groups: Annotated[bool, typer.Option("--static-groups", help="GPTQ with --act-order: group parameters "
+                                                                        "from the original order.")] = False,
+    smoothquant_alpha: Annotated[float, typer.Option("--smoothquant-alpha", help="w8a8: migration strength.")] = 0.5,
+    awq_grid: Annotated[int, typer.Option("--awq-grid", help="AWQ: grid points for α and for the clip ratio.")] = 20,
+    awq_clip: Annotated[bool, typer.Option("--awq-clip/--no-awq-clip", help="AWQ: search a clip ratio per group.")]
+    = True,
+    targets: Annotated[list[str] | None, typer.Option(
+        "--targets", help="Modules to quantize: class name, glob on module names, or re:REGEX (repeatable). "
+                          "lm_head only when named.")] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Modules to keep float (same patterns).")]
+    = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Measure quality vs float at the end.")]
+    = True,
+    eval_data: Annotated[str, typer.Option("--eval-data", help="Held-out text for the quality table.")] = "builtin",
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Windows for the quality table.")] = 32,
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = 256,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    trust_remote_code: TrustRemoteCode = False,
+    revision: Revision = None,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    backend: Annotated[str, typer.Option("--backend", help="llmopt, or an external backend (llmopt backends).")]
+    = "llmopt",
+    backend_python: Annotated[str | None, typer.Option("--backend-python", help="Python of the backend's venv.")]
+    = None,
+    json_out: Json = False,
+) -> None:
+    """Quantize a causal LM (RTN, INT8, W8A8 SmoothQuant, GPTQ, AWQ) and write a checkpoint others can serve."""
+    from llmopt.cli.console import out as console
+    from llmopt.quant.api import QuantizeArgs
+    from llmopt.quant.api import quantize as run_quantize
+
+    args = QuantizeArgs(
+        model=model, out=out, method=method, bits=bits, group_size=group_size, sym=sym, format=format, calib=calib,
+        samples=samples, seq_len=seq_len, split=split, text_field=text_field, chat_template=chat_template, damp=damp,
+        block_size=block_size, act_order=act_order, static_groups=static_groups, smoothquant_alpha=smoothquant_alpha,
+        awq_grid=awq_grid, awq_clip=awq_clip, targets=targets or ["Linear"], ignore=ignore or [], evaluate=evaluate,
+        eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, revision=revision, seed=seed, overwrite=overwrite, backend=backend,
+        backend_python=backend_python)
+    result = run_quantize(args, progress=not json_out)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    from llmopt.quant.report import layer_table, summary_table
+
+    if result.layers:
+        console.print(layer_table(result))
+    console.print(summary_table(result))
+    console.print(f"wrote {result.out}")

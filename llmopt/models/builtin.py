@@ -40,8 +40,8 @@ class TinyRecipe:
     max_positions: int = 1024
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 200
-    lr: float = 2e-3
+    steps: int = 300
+    lr: float = 6e-3
     warmup: int = 20
     weight_decay: float = 0.1
     seed: int = 0
@@ -246,5 +246,5 @@ def ensure_built(name: str, progress: ProgressFn | None = None) -> Path:
 def small_recipe(**overrides) -> TinyRecipe:
     """A tiny-tiny variant for tests: builds in seconds, still learns."""
     base = TinyRecipe(name="test-tiny", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
-                      num_heads=4, num_kv_heads=2, seq_len=64, batch_size=16, steps=60, lr=3e-3, warmup=5)
+                      num_heads=4, num_kv_heads=2, seq_len=64, batch_size=16, steps=100, lr=1e-2, warmup=5)
     return replace(base, **overrides)

@@ -1,0 +1,156 @@
+"""Decode and prefill speed of llmopt's quantized runtime against the float model, side by side.
+
+A Llama-shaped model (TinyLlama-1.1B's layer shape by default: hidden 2048, MLP 5632, 32 heads, 4 KV heads;
+random weights, fewer layers) is quantized with RTN, written as compressed-tensors checkpoints (W4A16 g128,
+W8A16 per channel, W8A8 dynamic), loaded back through llmopt.runtime.load_quantized_model, and timed in
+interleaved rounds against the fp32 (and bf16) model:
+- decode: batch-1 greedy steps with a KV cache after a prompt; tokens/s = 1 / median step time
+- prefill: one forward over the prompt; tokens/s = prompt length / median time
+Every variant gets a warm-up first (which also runs the kernel autotuning). Ratios are of medians.
+
+    python bench/runtime_speed.py [--layers 6] [--threads 1] [--prompt 256] [--steps 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_float(args) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                      max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def quantized(model: torch.nn.Module, method: str, root: Path, lm_head: bool) -> torch.nn.Module:
+    """RTN-quantize every decoder Linear, write a compressed-tensors checkpoint, load it with llmopt's runtime."""
+    from transformers import AutoConfig
+
+    from llmopt.quant.formats import write_checkpoint
+    from llmopt.quant.rtn import rtn_quantize
+    from llmopt.quant.types import QuantArgs
+    from llmopt.runtime import load_quantized_model
+
+    qargs = QuantArgs(bits=4, group_size=128) if method == "int4" else QuantArgs(bits=8, group_size=-1)
+    qweights = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and (lm_head or name != "lm_head"):
+            qw = rtn_quantize(m.weight.detach(), qargs)
+            qw.act_bits = 8 if method == "w8a8" else None
+            qweights[name] = qw
+    out = root / method
+    out.mkdir()
+    write_checkpoint("compressed-tensors", model, qweights, out, qargs, {"int4": "rtn"}.get(method, method),
+                     [] if lm_head else ["lm_head"])
+    loaded = load_quantized_model(out, AutoConfig.from_pretrained(out), torch.device("cpu"), torch.float32)
+    return loaded
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(prefill seconds, median decode step seconds) for one run."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    t0 = time.perf_counter()
+    out = model(prompt, past_key_values=cache, use_cache=True)
+    prefill = time.perf_counter() - t0
+    tok = out.logits[:, -1:].argmax(-1)
+    step_times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(tok, past_key_values=cache, use_cache=True)
+        step_times.append(time.perf_counter() - t0)
+        tok = out.logits[:, -1:].argmax(-1)
+    return prefill, statistics.median(step_times)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    from llmopt.runtime import weight_bytes as wb
+
+    return wb(model)
+
+
+def kernel_summary(model: torch.nn.Module) -> str:
+    from llmopt.runtime import kernel_report
+
+    counts: dict[str, int] = {}
+    for _, desc in kernel_report(model):
+        counts[desc] = counts.get(desc, 0) + 1
+    return "; ".join(f"{n}× {d}" for d, n in sorted(counts.items()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=256, help="prompt tokens (prefill M)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: stays fp32)")
+    p.add_argument("--variants", default="fp32,bf16,int4,int8,w8a8")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, layers {args.layers}, hidden {args.hidden}, "
+          f"mlp {args.intermediate}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, prompt {args.prompt}, "
+          f"decode steps {args.steps} × {args.rounds} rounds (interleaved), lm_head "
+          f"{'quantized' if args.quantize_lm_head else 'fp32'}")
+
+    base = build_float(args)
+    n_lin = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    print(f"params: decoder Linears {n_lin / 1e6:.0f}M, lm_head {base.lm_head.weight.numel() / 1e6:.0f}M, "
+          f"embeddings {base.model.embed_tokens.weight.numel() / 1e6:.0f}M")
+    models: dict[str, torch.nn.Module] = {}
+    with tempfile.TemporaryDirectory(prefix="llmopt-bench-") as tmp:
+        for v in variants:
+            if v == "fp32":
+                models[v] = base
+            elif v == "bf16":
+                models[v] = build_float(args).to(torch.bfloat16)
+            else:
+                models[v] = quantized(base, v, Path(tmp), args.quantize_lm_head)
+            gc.collect()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=g)
+    for m in models.values():  # warm-up: allocations, oneDNN primitives, kernel autotuning for M=1 and M=prompt
+        measure(m, prompt, 4)
+    results: dict[str, dict[str, list[float]]] = {v: {"prefill": [], "decode": []} for v in models}
+    for _ in range(args.rounds):
+        for v, m in models.items():
+            pre, dec = measure(m, prompt, args.steps)
+            results[v]["prefill"].append(pre)
+            results[v]["decode"].append(dec)
+
+    ref = results.get("fp32")
+    print(f"\n{'variant':8} {'decode tok/s':>13} {'× fp32':>8} {'prefill tok/s':>14} {'× fp32':>8} {'weights MB':>11}")
+    for v, r in results.items():
+        dec = statistics.median(r["decode"])
+        pre = statistics.median(r["prefill"])
+        d_ratio = statistics.median(ref["decode"]) / dec if ref else float("nan")
+        p_ratio = statistics.median(ref["prefill"]) / pre if ref else float("nan")
+        print(f"{v:8} {1 / dec:13.2f} {d_ratio:8.2f} {args.prompt / pre:14.1f} {p_ratio:8.2f} "
+              f"{weight_bytes(models[v]) / 1e6:11.0f}")
+    for v, m in models.items():
+        if v not in ("fp32", "bf16"):
+            print(f"kernels {v}: {kernel_summary(m)}")
+
+
+if __name__ == "__main__":
+    main()

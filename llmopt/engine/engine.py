@@ -1,0 +1,191 @@
+"""The inference loop: requests in, tokens with per-token timestamps out.
+
+Each step the scheduler picks work, the runner runs it as one packed forward over the paged KV cache,
+the sampler picks tokens, finished requests free their blocks. With a draft model attached the decode
+part of each step is speculative (see speculative.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmopt.engine.attention import PagedKVCache
+from llmopt.engine.block_manager import BlockManager, blocks_for
+from llmopt.engine.runner import ModelRunner, check_supported, paged_attention_enabled
+from llmopt.engine.sampling import SamplingParams, sample_rows
+from llmopt.engine.scheduler import Scheduler, SchedulerConfig
+from llmopt.engine.sequence import Sequence, Status
+from llmopt.errors import LlmoptError
+from llmopt.models.info import attention_shape, kv_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    kv_budget: int  # bytes for the KV block pool
+    block_size: int = 16
+    max_prefill_tokens: int = 1024
+    max_num_seqs: int = 256
+    max_blocks: int | None = None  # never allocate more blocks than this (e.g. what a workload can use)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise LlmoptError(f"--block-size must be ≥ 1 (got {self.block_size})")
+        if self.kv_budget < 1:
+            raise LlmoptError(f"--kv-budget must be positive (got {self.kv_budget} bytes)")
+        if self.max_prefill_tokens < 1:
+            raise LlmoptError(f"--max-prefill-tokens must be ≥ 1 (got {self.max_prefill_tokens})")
+        if self.max_num_seqs < 1:
+            raise LlmoptError(f"--max-num-seqs must be ≥ 1 (got {self.max_num_seqs})")
+
+
+def model_dtype(model) -> torch.dtype:
+    """Activation dtype (the embedding's), also right for models whose Linear weights are int codes."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def max_context(model) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(config, "max_position_embeddings", 0) or 2 ** 31)
+
+
+@dataclass(frozen=True, slots=True)
+class KVStats:
+    block_size: int
+    num_blocks: int
+    pool_bytes: int  # the whole pool
+    peak_blocks: int
+    peak_tokens: int  # tokens held at that peak
+    allocated_bytes: int  # peak_blocks' bytes
+    formula_bytes: int  # 2·layers·peak_tokens·kv_heads·head_dim·bytes
+    waste_bytes: int  # allocated − formula: the unused tails of blocks
+    preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, model, config: EngineConfig, eos_id: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        check_supported(model)
+        self.model = model
+        self.config = config
+        self.eos_id = eos_id
+        self.clock = clock
+        self.layers, _, self.kv_heads, self.head_dim = attention_shape(model.config)
+        dtype = model_dtype(model)
+        device = model.get_input_embeddings().weight.device
+        self.el = torch.empty((), dtype=dtype).element_size()
+        per_block = kv_bytes(self.layers, self.kv_heads, self.head_dim, config.block_size, self.el)
+        num_blocks = config.kv_budget // per_block
+        if num_blocks < 1:
+            raise LlmoptError(f"--kv-budget of {config.kv_budget} bytes holds no KV block ({per_block} bytes per "
+                              f"block of {config.block_size} tokens): raise --kv-budget")
+        if config.max_blocks is not None:
+            num_blocks = max(1, min(num_blocks, config.max_blocks))
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.cache = PagedKVCache.allocate(self.layers, num_blocks, config.block_size, self.kv_heads,
+                                           self.head_dim, dtype, device)
+        self.runner = ModelRunner(model, self.cache, self.blocks)
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens))
+        self.max_context = max_context(model)
+        self.sequences: list[Sequence] = []
+        self.speculator = None  # set by speculative.attach_draft
+        self.routed_models = [model]  # models whose attention goes through the paged function while running
+        self.t0: float | None = None
+
+    def now(self) -> float:
+        return self.clock() - (self.t0 if self.t0 is not None else self.clock())
+
+    def check_request(self, prompt_len: int, max_tokens: int) -> None:
+        """Refuse a request that could never run (the one-line errors the CLI shows)."""
+        total = prompt_len + max_tokens
+        if total > self.max_context:
+            raise LlmoptError(f"a request of {prompt_len} prompt + {max_tokens} output tokens exceeds the model's "
+                              f"maximum context of {self.max_context}: shorten --prompt-len/--output-len")
+        need = blocks_for(total - 1, self.blocks.block_size)
+        if need > self.blocks.stats.num_blocks:
+            have = self.blocks.stats.num_blocks * self.cache.bytes_per_block
+            raise LlmoptError(f"KV budget too small for one request: {total} tokens need {need} blocks, the budget "
+                              f"({have} bytes) holds {self.blocks.stats.num_blocks}: raise --kv-budget")
+
+    def add(self, prompt: list[int], params: SamplingParams, arrival: float = 0.0) -> Sequence:
+        self.check_request(len(prompt), params.max_tokens)
+        seq = Sequence(len(self.sequences), list(prompt), params, arrival, self.eos_id)
+        self.sequences.append(seq)
+        self.scheduler.add(seq)
+        if self.speculator is not None:
+            self.speculator.add(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """One packed forward (or a wait for the next arrival). Returns the sequences that finished."""
+        step = self.scheduler.schedule(self.now())
+        if self.speculator is not None:
+            self.speculator.on_preempted(step.preempted)
+        if not step:
+            nxt = self.scheduler.next_arrival()
+            if nxt is not None:
+                time.sleep(max(0.0, nxt - self.now()))
+            return []
+        if self.speculator is not None:
+            return self.speculator.step(step.work)
+        logits = self.runner.forward(step.work)  # [len(work), V]
+        t = self.now()
+        done_rows = [i for i, (seq, n) in enumerate(step.work) if n == seq.pending]
+        seqs = [step.work[i][0] for i in done_rows]
+        tokens = sample_rows(logits[done_rows], [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, n in step.work:
+            seq.num_computed += n
+        return self.append_tokens(seqs, [[tok] for tok in tokens], t)
+
+    def append_tokens(self, seqs: list[Sequence], new: list[list[int]], t: float) -> list[Sequence]:
+        """Add sampled tokens (stamped t), cutting at EOS / max_tokens; finish and free what is done."""
+        finished = []
+        for seq, toks in zip(seqs, new):
+            for tok in toks:
+                seq.output.append(tok)
+                seq.token_times.append(t)
+                if seq.done:
+                    break
+            if seq.done:
+                self.scheduler.finish(seq)
+                if self.speculator is not None:
+                    self.speculator.release(seq)
+                finished.append(seq)
+        return finished
+
+    def run(self, progress: Callable[[int], None] | None = None) -> list[Sequence]:
+        """Run until every added request finished; returns them in the order added."""
+        self.t0 = self.clock()
+        with contextlib.ExitStack() as stack:
+            for m in self.routed_models:
+                stack.enter_context(paged_attention_enabled(m))
+            while self.scheduler.has_work:
+                finished = self.step()
+                if progress is not None and finished:
+                    progress(len(finished))
+        return list(self.sequences)
+
+    def kv_stats(self) -> KVStats:
+        st = self.blocks.stats
+        per_block = self.cache.bytes_per_block
+        formula = kv_bytes(self.layers, self.kv_heads, self.head_dim, st.peak_tokens, self.el)
+        return KVStats(st.block_size, st.num_blocks, self.cache.total_bytes, st.peak_blocks, st.peak_tokens,
+                       st.peak_blocks * per_block, formula, st.peak_blocks * per_block - formula,
+                       self.scheduler.num_preemptions)
+
+
+def generate(model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             config: EngineConfig, eos_id: int | None = None) -> list[list[int]]:
+    """Convenience: run prompts to completion, return their output token lists."""
+    engine = LLMEngine(model, config, eos_id)
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    for p, sp in zip(prompts, plist):
+        engine.add(p, sp)
+    return [s.output for s in engine.run()]
+
+
+__all__ = ["EngineConfig", "KVStats", "LLMEngine", "Status", "generate"]

@@ -1,0 +1,164 @@
+"""`evaluate(EvalArgs) -> EvalResult`: quality and cost of each model, measured the same way for all.
+
+Per model: quality on held-out text (sliding-window perplexity; with a baseline, KL-divergence and top-1
+agreement on the same tokens; lm-eval tasks), then the same seeded workload through an engine (llmopt's
+continuous-batching engine, or `hf`: one request at a time through `model.generate`), then memory
+(weight bytes, KV bytes allocated vs the formula). Writes --json/--csv/--plot when given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmopt.errors import LlmoptError
+
+ENGINES = ("llmopt", "hf", "vllm")
+ProgressArg = bool | Callable | None
+
+
+@dataclass(frozen=True, slots=True)
+class EvalArgs:
+    model: list[str]
+    baseline: str | None = None
+    data: str = "builtin"
+    split: str | None = None
+    text_field: str = "text"
+    num_requests: int = 32
+    prompt_len: str = "32:256"
+    output_len: str = "32:128"
+    request_rate: float = math.inf
+    seed: int = 0
+    engine: str = "llmopt"
+    draft: str | None = None
+    spec_tokens: int = 4
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    kv_budget: str = "0.3"
+    block_size: int = 16
+    max_prefill_tokens: int = 1024
+    max_num_seqs: int = 256
+    threads: int | None = None
+    repeats: int = 3
+    warmup: bool = True
+    seq_len: int = 512
+    stride: int | None = None
+    quality_tokens: int = 32768
+    tasks: list[str] | None = None
+    task_limit: int | None = None
+    quality_only: bool = False
+    perf_only: bool = False
+    price_per_hour: float | None = None
+    json: Path | None = None
+    csv: Path | None = None
+    plot: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        from llmopt.engine.sampling import SamplingParams
+        from llmopt.evaluate.workload import WorkloadSpec, parse_range
+
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", [self.model])
+        if not self.model:
+            raise LlmoptError("no model given: llmopt eval MODEL [MODEL ...]")
+        if self.engine not in ENGINES:
+            raise LlmoptError(f"--engine must be one of {', '.join(ENGINES)} (got {self.engine!r})")
+        if self.quality_only and self.perf_only:
+            raise LlmoptError("--quality-only and --perf-only switch off both halves: give at most one")
+        if self.repeats < 1:
+            raise LlmoptError(f"--repeats must be ≥ 1 (got {self.repeats})")
+        if self.threads is not None and self.threads < 1:
+            raise LlmoptError(f"--threads must be ≥ 1 (got {self.threads})")
+        if self.draft is not None and self.engine != "llmopt":
+            raise LlmoptError("--draft (speculative decoding) runs on --engine llmopt only")
+        if self.spec_tokens < 1:
+            raise LlmoptError(f"--spec-tokens must be ≥ 1 (got {self.spec_tokens})")
+        if self.seq_len < 2:
+            raise LlmoptError(f"--seq-len must be ≥ 2 (got {self.seq_len})")
+        if self.stride is not None and not 0 < self.stride <= self.seq_len:
+            raise LlmoptError(f"--stride must be in 1..--seq-len ({self.seq_len}), got {self.stride}")
+        if self.quality_tokens < self.seq_len:
+            raise LlmoptError(f"--quality-tokens ({self.quality_tokens}) must be ≥ --seq-len ({self.seq_len})")
+        if self.price_per_hour is not None and self.price_per_hour < 0:
+            raise LlmoptError(f"--price-per-hour must be ≥ 0 (got {self.price_per_hour})")
+        if self.plot is not None and (self.quality_only or self.perf_only):
+            raise LlmoptError("--plot draws quality against throughput: it needs both halves (drop --quality-only/"
+                              "--perf-only)")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise LlmoptError(f"--task-limit must be ≥ 1 (got {self.task_limit})")
+        if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
+            raise LlmoptError("--block-size, --max-prefill-tokens and --max-num-seqs must be ≥ 1")
+        self.workload_spec()  # validates --num-requests, ranges, --request-rate
+        SamplingParams(1, self.temperature, self.top_k, self.top_p, self.seed)  # validates sampling options
+        parse_range(self.output_len, "--output-len")
+
+    def workload_spec(self):
+        from llmopt.evaluate.workload import WorkloadSpec, parse_range
+
+        return WorkloadSpec(self.num_requests, parse_range(self.prompt_len, "--prompt-len"),
+                            parse_range(self.output_len, "--output-len"), float(self.request_rate), self.seed)
+
+
+@dataclass(slots=True)
+class ModelReport:
+    model: str
+    method: str
+    quality: dict
+    perf: dict
+    memory: dict
+    speculative: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class EvalResult:
+    results: list[ModelReport]
+    config: dict = field(default_factory=dict)
+    baseline: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"results": [r.to_dict() for r in self.results], "baseline": self.baseline, "config": self.config}
+
+
+def evaluate(args: EvalArgs, progress: ProgressArg = False) -> EvalResult:
+    """Evaluate every model of args (baseline first when it is not among them); write the report files."""
+    from llmopt.evaluate.progress import make_progress
+    from llmopt.evaluate.report import write_reports
+    from llmopt.evaluate.runner import EvalRunner
+
+    if args.engine == "vllm":
+        try:
+            from llmopt.evaluate import vllm_engine  # noqa: F401  (added with the vLLM backend)
+        except ImportError:
+            raise LlmoptError("--engine vllm is not available in this build: use --engine llmopt or hf") from None
+    for path in (args.json, args.csv, args.plot):
+        if path is not None:
+            from llmopt.utils import check_out_dir
+
+            check_out_dir(Path(path).parent / ".probe", True)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with make_progress(progress) as bar:
+        runner = EvalRunner(args, bar)
+        runner.preflight()
+        reports = runner.run_all()
+    result = EvalResult(reports, _config(args), args.baseline)
+    write_reports(result, args.json, args.csv, args.plot)
+    return result
+
+
+def _config(args: EvalArgs) -> dict:
+    d = {f: getattr(args, f) for f in args.__dataclass_fields__}
+    d["threads"] = torch.get_num_threads()
+    return {k: (str(v) if isinstance(v, Path) else (None if isinstance(v, float) and math.isinf(v) else v))
+            for k, v in d.items()} | {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate}

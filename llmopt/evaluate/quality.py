@@ -1,0 +1,104 @@
+"""Quality of a model on held-out tokens, alone and against a baseline on the very same tokens.
+
+Pure functions over models and token windows; float64 accumulation so small KLDs stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class Quality:
+    perplexity: float
+    tokens: int
+    kld_mean: float | None = None  # mean over tokens of KL(baseline || model), nats
+    kld_p99: float | None = None
+    top1_agreement: float | None = None  # fraction of tokens where argmax matches the baseline's
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, windows.shape[0], batch_size):
+        yield windows[i:i + batch_size]
+
+
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=x.to(device)).logits[:, :-1].double().cpu()  # [B, L-1, V]
+
+
+def kl_per_token(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_base || P_model) per position: [..., V] logits → [...] nats (computed in float64)."""
+    lp_base = F.log_softmax(base_logits.double(), dim=-1)
+    lp = F.log_softmax(logits.double(), dim=-1)
+    return (lp_base.exp() * (lp_base - lp)).sum(-1)
+
+
+@dataclass(frozen=True, slots=True)
+class SlidingWindows:
+    """Overlapping windows over a token stream and which predictions in each are scored."""
+
+    windows: torch.Tensor  # [N, L]
+    scored: torch.Tensor  # [N, L-1] bool: prediction j (of token j+1) counts; every stream token once
+
+
+def sliding_windows(stream: torch.Tensor, seq_len: int, stride: int) -> SlidingWindows:
+    """Windows of seq_len every `stride` tokens (the last one flush with the stream's end); each window scores
+    only the tokens the previous one did not, so every token after the first is predicted exactly once,
+    with up to seq_len - stride tokens of context carried over (the HF perplexity recipe)."""
+    from llmopt.errors import LlmoptError
+
+    if not 0 < stride <= seq_len:
+        raise LlmoptError(f"--stride must be in 1..--seq-len ({seq_len}), got {stride}")
+    total = stream.numel()
+    if total < seq_len:
+        raise LlmoptError(f"the held-out data has {total} tokens, fewer than --seq-len {seq_len}: lower --seq-len")
+    starts = list(range(0, total - seq_len + 1, stride))
+    if starts[-1] + seq_len < total:
+        starts.append(total - seq_len)
+    windows = torch.stack([stream[s:s + seq_len] for s in starts])  # [N, L]
+    scored = torch.zeros(len(starts), seq_len - 1, dtype=torch.bool)
+    scored[0] = True
+    for i in range(1, len(starts)):
+        first_new = starts[i - 1] + seq_len - starts[i]  # window index of the first token not yet scored
+        scored[i, first_new - 1:] = True
+    return SlidingWindows(windows, scored)
+
+
+@torch.inference_mode()
+def measure_quality(model, windows: torch.Tensor, baseline=None, batch_size: int = 8,
+                    scored: torch.Tensor | None = None) -> Quality:
+    """Perplexity of `model` on windows [N, L] (every token but each window's first is predicted, or only the
+    predictions marked in `scored` [N, L-1]); with `baseline`, KL-divergence from the baseline's next-token
+    distribution and top-1 agreement on the same predictions."""
+    nll, count, agree = 0.0, 0, 0
+    klds: list[torch.Tensor] = []
+    if scored is None:
+        scored = torch.ones(windows.shape[0], windows.shape[1] - 1, dtype=torch.bool)
+    for x, keep in zip(_batches(windows, batch_size), _batches(scored, batch_size)):
+        logits = _logits(model, x)[keep]  # [K, V]
+        targets = x[:, 1:][keep]  # [K]
+        nll += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += targets.numel()
+        if baseline is not None:
+            base = _logits(baseline, x)[keep]
+            if base.shape[-1] != logits.shape[-1]:
+                from llmopt.errors import LlmoptError
+
+                raise LlmoptError(f"model and baseline vocabularies differ ({logits.shape[-1]} vs {base.shape[-1]}): "
+                                  f"KLD needs the same tokenizer")
+            klds.append(kl_per_token(base, logits))
+            agree += (base.argmax(-1) == logits.argmax(-1)).sum().item()
+    ppl = math.exp(nll / count)
+    if baseline is None:
+        return Quality(ppl, count)
+    kld = torch.cat(klds)
+    return Quality(ppl, count, kld.mean().item(), torch.quantile(kld.float(), 0.99).item(), agree / count)

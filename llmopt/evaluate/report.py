@@ -1,0 +1,174 @@
+"""The eval report as a rich table, JSON, CSV and a PNG plot of quality against throughput (Pareto front)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from rich.table import Table
+
+_STATS = ("mean", "p50", "p95", "p99")
+_DISTS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}"
+
+
+def _bytes(v) -> str:
+    if v is None:
+        return "—"
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if v >= size:
+            return f"{v / size:.1f} {unit}"
+    return f"{v} B"
+
+
+def _three(d: dict | None) -> str:
+    if not d:
+        return "—"
+    return " / ".join(_fmt(d.get(k), 1) for k in ("p50", "p95", "p99"))
+
+
+def baseline_perplexity(result: dict) -> float | None:
+    base = result.get("baseline")
+    for r in result["results"]:
+        if base is not None and r["model"] == base:
+            return r["quality"].get("perplexity")
+    return None
+
+
+def table(result: dict) -> Table:
+    """One row per model: the issue's columns (model, method, size, ppl, Δppl, KLD, top-1, TTFT, TPOT, ...)."""
+    base_ppl = baseline_perplexity(result)
+    t = Table(title="llmopt eval", show_lines=False)
+    for col in ("model", "method", "size", "ppl", "Δppl", "KLD", "top-1", "TTFT ms p50/p95/p99",
+                "TPOT ms p50/p95/p99", "tok/s", "req/s", "KV bytes", "cost/1k tok"):
+        t.add_column(col, justify="left" if col in ("model", "method") else "right")
+    for r in result["results"]:
+        q, p, m = r["quality"], r["perf"], r["memory"]
+        ppl = q.get("perplexity")
+        dppl = (f"{(ppl / base_ppl - 1) * 100:+.2f}%" if ppl is not None and base_ppl else "—")
+        t.add_row(r["model"], r["method"], _bytes(m.get("weight_bytes")), _fmt(ppl), dppl,
+                  _fmt(q.get("kld_mean"), 4), _fmt(q.get("top1_agreement"), 3), _three(p.get("ttft_ms")),
+                  _three(p.get("tpot_ms")), _fmt(p.get("output_tokens_per_s"), 1), _fmt(p.get("requests_per_s"), 2),
+                  _bytes(m.get("kv_bytes_allocated") if m.get("kv_bytes_allocated") is not None
+                         else m.get("kv_bytes_formula")),
+                  _fmt(p.get("cost_per_1k_output_tokens"), 5))
+    return t
+
+
+def flat_row(r: dict) -> dict:
+    """One model's entry flattened for CSV (ttft_ms.p50 → ttft_p50_ms, tasks.T.metric)."""
+    row = {"model": r["model"], "method": r["method"]}
+    for key in ("perplexity", "kld_mean", "kld_p99", "top1_agreement"):
+        row[key] = r["quality"].get(key)
+    for task, metrics in (r["quality"].get("tasks") or {}).items():
+        for k, v in metrics.items():
+            row[f"tasks.{task}.{k}"] = v
+    p = r["perf"]
+    for key in ("engine", "threads", "repeats", "output_tokens_per_s", "total_tokens_per_s", "requests_per_s"):
+        row[key] = p.get(key)
+    for d in _DISTS:
+        for s in _STATS:
+            row[f"{d[:-3]}_{s}_ms"] = (p.get(d) or {}).get(s)
+    row["cost_per_1k_output_tokens"] = p.get("cost_per_1k_output_tokens")
+    row.update(r["memory"])
+    spec = r.get("speculative") or {}
+    row["acceptance_rate"] = spec.get("acceptance_rate")
+    return row
+
+
+def to_csv(result: dict) -> str:
+    rows = [flat_row(r) for r in result["results"]]
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated when higher x (throughput) and lower y (KLD or ppl) are better."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(x2 >= x and y2 <= y and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_png(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_kld = any(r["quality"].get("kld_mean") is not None for r in result["results"])
+    key = "kld_mean" if use_kld else "perplexity"
+    rows = [r for r in result["results"]
+            if r["quality"].get(key) is not None and r["perf"].get("output_tokens_per_s") is not None]
+    pts = [(r["perf"]["output_tokens_per_s"], r["quality"][key]) for r in rows]
+    front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
+    if front:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", lw=1.5, zorder=2,
+                label="Pareto front", marker="o", mfc="none", ms=11)
+    for r, (x, y) in zip(rows, pts):
+        ax.annotate(Path(r["model"]).name or r["model"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("output tokens/s")
+    ax.set_ylabel("KL-divergence from baseline (nats)" if use_kld else "perplexity")
+    ax.set_title("quality vs throughput")
+    ax.grid(alpha=0.3)
+    if front:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, renamed at the end: never a half-written report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def finite(obj):
+    """JSON has no inf/nan: non-finite numbers become null (not measured)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_reports(result, json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
+    d = finite(result.to_dict())
+    if json_path is not None:
+        _atomic_write(json_path, lambda p: p.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n"))
+    if csv_path is not None:
+        _atomic_write(csv_path, lambda p: p.write_text(to_csv(d)))
+    if plot_path is not None:
+        _atomic_write(plot_path, lambda p: plot_png(d, p))

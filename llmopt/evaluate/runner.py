@@ -1,0 +1,200 @@
+"""The per-model eval loop behind `evaluate()`: checks everything up front, then quality, perf, memory."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+
+from llmopt.calibration.data import DataSpec, load_texts, token_stream
+from llmopt.engine import EngineConfig
+from llmopt.engine.block_manager import blocks_for
+from llmopt.errors import LlmoptError
+from llmopt.evaluate.api import EvalArgs, ModelReport
+from llmopt.evaluate.budget import parse_kv_budget
+from llmopt.evaluate.metrics import cost_per_1k_output_tokens, summarize
+from llmopt.evaluate.perf import Sampling, run_hf, run_llmopt, warmup_requests
+from llmopt.evaluate.progress import Bars
+from llmopt.evaluate.quality import Quality, measure_quality, sliding_windows
+from llmopt.evaluate.workload import make_workload
+from llmopt.models import ModelSpec, attention_shape, kv_bytes, load_config, load_model, load_tokenizer, resolve_path
+
+
+def _max_context(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "max_position_embeddings", 0) or 2 ** 31)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer (quantized runtime modules keep their codes and scales there)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:  # tied weights count once
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def method_of(loaded) -> str:
+    meta = loaded.meta or {}
+    if isinstance(meta.get("method"), str):
+        return meta["method"]
+    q = loaded.quantization
+    if q:
+        return str(q.get("quant_method") or q.get("format") or "quantized")
+    return "distilled" if meta.get("kind") == "distill" else "float"
+
+
+class EvalRunner:
+    def __init__(self, args: EvalArgs, bars: Bars) -> None:
+        self.args = args
+        self.bars = bars
+        names = list(dict.fromkeys(args.model))
+        if args.baseline is not None and args.baseline not in names:
+            names.insert(0, args.baseline)
+        self.names = names
+        self.data = DataSpec(args.data, args.split, args.text_field)
+        self._texts: list[str] | None = None
+
+    def _spec(self, name: str) -> ModelSpec:
+        a = self.args
+        return ModelSpec(name, a.device, a.dtype, a.trust_remote_code)
+
+    @property
+    def texts(self) -> list[str]:
+        if self._texts is None:
+            self._texts = load_texts(self.data, "test")
+        return self._texts
+
+    def preflight(self) -> None:
+        """Every check that can fail, before any model runs: paths, tokenizers, context lengths, data."""
+        a = self.args
+        toks, configs = {}, {}
+        for name in self.names + ([a.draft] if a.draft else []):
+            path = resolve_path(self._spec(name))
+            configs[name] = load_config(path, a.trust_remote_code)
+            toks[name] = load_tokenizer(path, a.trust_remote_code)
+        if a.baseline is not None and not a.perf_only:
+            for name in self.names:
+                if toks[name].get_vocab() != toks[a.baseline].get_vocab():
+                    raise LlmoptError(f"the tokenizer of {name} differs from the baseline's ({a.baseline}): KL-divergence "
+                                      f"and top-1 agreement need the same tokens; drop --baseline or compare models "
+                                      f"that share a tokenizer")
+        if a.draft:
+            for name in self.names:
+                if toks[name].get_vocab() != toks[a.draft].get_vocab():
+                    raise LlmoptError(f"the draft {a.draft} has a different tokenizer than {name}: a speculative "
+                                      f"draft must share the target's tokenizer")
+        spec = a.workload_spec()
+        for name in self.names:
+            ctx = _max_context(configs[name])
+            if not a.quality_only and spec.prompt_len[1] + spec.output_len[1] > ctx:
+                raise LlmoptError(f"--prompt-len up to {spec.prompt_len[1]} plus --output-len up to "
+                                  f"{spec.output_len[1]} exceeds {name}'s maximum context of {ctx}: shorten them")
+            if not a.perf_only and a.seq_len > ctx:
+                raise LlmoptError(f"--seq-len {a.seq_len} exceeds {name}'s maximum context of {ctx}: lower --seq-len")
+        self.texts  # noqa: B018  (a data source that cannot be read fails here)
+
+    def run_all(self) -> list[ModelReport]:
+        a = self.args
+        baseline = None
+        if a.baseline is not None and not a.perf_only:
+            baseline = load_model(self._spec(a.baseline))
+        draft = load_model(self._spec(a.draft)).model if a.draft and not a.quality_only else None
+        reports = []
+        for name in self.names:
+            loaded = baseline if (baseline is not None and name == a.baseline) else load_model(self._spec(name))
+            reports.append(self.run_one(name, loaded, baseline, draft))
+            if loaded is not baseline:
+                del loaded
+        return reports
+
+    def run_one(self, name: str, loaded, baseline, draft) -> ModelReport:
+        a = self.args
+        quality = {"perplexity": None, "kld_mean": None, "kld_p99": None, "top1_agreement": None, "tasks": None}
+        if not a.perf_only:
+            quality.update(self.quality(name, loaded, baseline))
+        perf = {"engine": a.engine, "threads": torch.get_num_threads(), "repeats": None,
+                "output_tokens_per_s": None, "total_tokens_per_s": None, "requests_per_s": None,
+                "ttft_ms": None, "tpot_ms": None, "itl_ms": None, "e2el_ms": None,
+                "cost_per_1k_output_tokens": None}
+        memory = {"weight_bytes": weight_bytes(loaded.model), "kv_bytes_allocated": None, "kv_bytes_formula": None,
+                  "kv_waste_bytes": None}
+        speculative = None
+        if not a.quality_only:
+            perf_d, mem_d, speculative = self.perf(name, loaded, draft)
+            perf.update(perf_d)
+            memory.update(mem_d)
+        return ModelReport(name, method_of(loaded), quality, perf, memory, speculative)
+
+    def quality(self, name: str, loaded, baseline) -> dict:
+        a = self.args
+        stream = token_stream(self.texts, loaded.tokenizer)[: a.quality_tokens]
+        sw = sliding_windows(stream, a.seq_len, a.stride or max(1, a.seq_len // 2))
+        advance = self.bars.phase(f"quality {name}", 1)
+        is_base = baseline is not None and loaded is baseline
+        q: Quality = measure_quality(loaded.model, sw.windows, None if (baseline is None or is_base) else baseline.model,
+                                     scored=sw.scored)
+        advance(1)
+        out = {"perplexity": q.perplexity, "tokens": q.tokens, "seq_len": a.seq_len,
+               "stride": a.stride or max(1, a.seq_len // 2)}
+        if baseline is not None:
+            # The baseline against itself: KL is 0 and top-1 agreement 1 by definition.
+            out |= ({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0} if is_base else
+                    {"kld_mean": q.kld_mean, "kld_p99": q.kld_p99, "top1_agreement": q.top1_agreement})
+        if a.tasks:
+            from llmopt.evaluate.lm_tasks import run_tasks
+
+            advance = self.bars.phase(f"lm-eval {name}", 1)
+            out["tasks"] = run_tasks(loaded.model, loaded.tokenizer, list(a.tasks), a.task_limit, seed=a.seed)
+            advance(1)
+        return out
+
+    def perf(self, name: str, loaded, draft) -> tuple[dict, dict, dict | None]:
+        a = self.args
+        requests = make_workload(token_stream(self.texts, loaded.tokenizer), a.workload_spec())
+        sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
+        eos = loaded.tokenizer.eos_token_id
+        if a.engine == "hf":
+            run = lambda reqs, adv: run_hf(loaded.model, reqs, sampling, loaded.tokenizer.pad_token_id, adv)  # noqa: E731
+        elif a.engine == "vllm":
+            from llmopt.evaluate import vllm_engine
+
+            run = lambda reqs, adv: vllm_engine.run(loaded, reqs, sampling, a, adv)  # noqa: E731
+        else:
+            config = EngineConfig(parse_kv_budget(a.kv_budget, loaded.device), a.block_size, a.max_prefill_tokens,
+                                  a.max_num_seqs, max_blocks=sum(blocks_for(len(r.prompt) + r.max_tokens, a.block_size)
+                                                                 for r in requests))
+            run = lambda reqs, adv: run_llmopt(loaded.model, reqs, config, sampling, draft, a.spec_tokens, eos, adv)  # noqa: E731
+        if a.warmup:
+            run(warmup_requests(requests), None)
+        runs = []
+        for i in range(a.repeats):
+            advance = self.bars.phase(f"perf {name} ({a.engine}) run {i + 1}/{a.repeats}", len(requests))
+            runs.append(run(requests, advance))
+        s = summarize([r.metrics for r in runs])
+        m = s.median
+        perf = {"repeats": s.repeats, "output_tokens_per_s": m["output_tokens_per_s"],
+                "total_tokens_per_s": m["total_tokens_per_s"], "requests_per_s": m["requests_per_s"],
+                "ttft_ms": m["ttft_ms"], "tpot_ms": m["tpot_ms"], "itl_ms": m["itl_ms"], "e2el_ms": m["e2el_ms"],
+                "cost_per_1k_output_tokens": cost_per_1k_output_tokens(a.price_per_hour, m["output_tokens_per_s"]),
+                "num_requests": m["num_requests"], "input_tokens": m["input_tokens"],
+                "output_tokens": m["output_tokens"], "duration_s": m["duration_s"], "spread": s.spread}
+        layers, _, kv_heads, head_dim = attention_shape(loaded.model.config)
+        el = loaded.model.get_input_embeddings().weight.element_size()
+        kv = runs[-1].kv
+        if kv is not None:
+            mem = {"kv_bytes_allocated": kv.allocated_bytes, "kv_bytes_formula": kv.formula_bytes,
+                   "kv_waste_bytes": kv.waste_bytes, "kv_peak_tokens": kv.peak_tokens,
+                   "kv_block_size": kv.block_size, "kv_pool_bytes": kv.pool_bytes, "kv_preemptions": kv.preemptions}
+        else:  # generate's own cache is not measured; the formula for its largest request is still known
+            peak = max(len(r.prompt) + r.max_tokens - 1 for r in requests)
+            mem = {"kv_bytes_formula": kv_bytes(layers, kv_heads, head_dim, peak, el), "kv_peak_tokens": peak}
+        spec = None
+        if runs[-1].spec is not None:
+            st = runs[-1].spec
+            spec = {"draft": a.draft, "spec_tokens": a.spec_tokens, "acceptance_rate": st.acceptance_rate,
+                    "tokens_per_step": st.tokens_per_step, "proposed": st.proposed, "accepted": st.accepted}
+        return perf, mem, spec

@@ -1,0 +1,321 @@
+"""`quantize(QuantizeArgs) -> QuantizeResult`: the one core function behind `llmopt quantize`.
+
+load (CPU) → calibration windows → pipeline (layer by layer on the device) → format writer into a temp dir
+→ tokenizer + evaluation of the written checkpoint vs the float model → llmopt.json → atomic rename.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmopt.errors import LlmoptError
+from llmopt.quant.types import FORMATS, METHODS, QuantArgs
+
+# bits each method accepts (int8/w8a8 are 8-bit by definition; AWQ's search and formats target 4-bit)
+METHOD_BITS: dict[str, tuple[int, ...]] = {"rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "awq": (4,), "int8": (8,),
+                                           "w8a8": (8,)}
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(slots=True)
+class QuantizeArgs:
+    """Everything `llmopt quantize` takes; field names = CLI long options with - → _."""
+
+    model: str
+    out: Path | None = None
+    method: str = "gptq"
+    bits: int | None = None  # None: 8 for int8/w8a8, else 4
+    group_size: int | None = None  # None: -1 (per channel) for int8/w8a8, else 128
+    sym: bool | None = None  # None: asymmetric for awq, symmetric otherwise
+    format: str = "compressed-tensors"
+    calib: str = "builtin"
+    samples: int = 128
+    seq_len: int = 256
+    split: str | None = None
+    text_field: str = "text"
+    chat_template: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    smoothquant_alpha: float = 0.5
+    awq_grid: int = 20
+    awq_clip: bool = True
+    targets: list[str] = field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = field(default_factory=list)
+    evaluate: bool = True
+    eval_data: str = "builtin"
+    eval_samples: int = 32
+    eval_seq_len: int = 256
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    backend: str = "llmopt"
+    backend_python: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.out is None:
+            raise LlmoptError("--out is required: the directory to write the quantized checkpoint to")
+        self.out = Path(self.out)
+        if self.method not in METHODS:
+            raise LlmoptError(f"unknown --method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.format not in FORMATS:
+            raise LlmoptError(f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
+        eight = self.method in ("int8", "w8a8")
+        if self.bits is None:
+            self.bits = 8 if eight else 4
+        if self.bits not in METHOD_BITS[self.method]:
+            raise LlmoptError(f"--method {self.method} does not support --bits {self.bits}: use "
+                              f"{' or '.join(map(str, METHOD_BITS[self.method]))}")
+        if self.group_size is None:
+            self.group_size = -1 if eight else 128
+        if self.sym is None:
+            self.sym = self.method != "awq"
+        if eight and not self.sym:
+            raise LlmoptError(f"--method {self.method} is symmetric INT8: drop --asym")
+        if self.static_groups and not self.act_order:
+            raise LlmoptError("--static-groups only matters with --act-order: add --act-order or drop it")
+        for name in ("samples", "seq_len", "eval_samples", "eval_seq_len", "block_size", "awq_grid"):
+            if getattr(self, name) <= 0:
+                raise LlmoptError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.targets:
+            raise LlmoptError("--targets is empty: give module-name patterns or Linear")
+        for pat in (*self.targets, *self.ignore):
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as e:
+                    raise LlmoptError(f"bad regular expression in {pat!r}: {e}") from None
+        self.quant_args()  # validates the per-Linear settings too
+
+    def quant_args(self) -> QuantArgs:
+        return QuantArgs(bits=self.bits, group_size=self.group_size, sym=self.sym, damp=self.damp,
+                         block_size=self.block_size, act_order=self.act_order, static_groups=self.static_groups,
+                         smoothquant_alpha=self.smoothquant_alpha, awq_grid=self.awq_grid, awq_clip=self.awq_clip)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(slots=True)
+class QuantizeResult:
+    """What a run produced and measured (every number measured in this run)."""
+
+    out: Path
+    method: str
+    format: str
+    quant_args: dict
+    calibration: dict
+    timings: dict  # seconds per stage
+    layers: list[dict]  # per-layer error vs float and vs RTN
+    metrics: dict  # float / quantized quality, sizes on disk
+    evaluated_with: str | None  # "runtime" (the written checkpoint through llmopt's runtime) or "fake-quant"
+    quantized_modules: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def _match(name: str, module: nn.Module, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return pattern == type(module).__name__ or fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern)
+
+
+def target_filter(model, targets: list[str], ignore: list[str]) -> Callable[[str], bool]:
+    """Module name → quantize it? Linears matching a target and no ignore pattern. The output head is kept
+    float unless a target names it (a class name such as Linear does not count)."""
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+
+    def is_target(name: str) -> bool:
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear) or any(_match(name, mod, p) for p in ignore):
+            return False
+        if mod is head:
+            return any(p != type(mod).__name__ and _match(name, mod, p) for p in targets)
+        return any(_match(name, mod, p) for p in targets)
+
+    return is_target
+
+
+def _check_shapes(model, is_target: Callable[[str], bool], qargs: QuantArgs) -> list[str]:
+    from llmopt.quant.rtn import check_group_size
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n)]
+    if not names:
+        raise LlmoptError("no Linear module matches --targets (minus --ignore): nothing to quantize")
+    for n in names:
+        check_group_size(model.get_submodule(n).in_features, qargs.group_size, n)
+    emb = model.get_input_embeddings()
+    if any(m is emb for n, m in model.named_modules() if n in names):
+        raise LlmoptError("embeddings cannot be quantized by llmopt (lookups, not matmuls): remove them from --targets")
+    return names
+
+
+def _check_writable(out: Path) -> None:
+    """The first existing ancestor of `out` must be a directory we can create files in (root included:
+    a read-only filesystem or a file in the way only shows up by trying)."""
+    import tempfile
+
+    probe = Path(out).resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(probe)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError:
+        raise LlmoptError(f"cannot write to {probe}: choose a writable --out") from None
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
+
+def _progress_bar(method: str, enabled: bool | ProgressFn):
+    """(callback, context manager) for rich progress over layers on stderr, or the caller's callback."""
+    import contextlib
+
+    if callable(enabled):
+        return enabled, contextlib.nullcontext()
+    if not enabled:
+        return None, contextlib.nullcontext()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from llmopt.cli.console import err
+
+    bar = Progress(TextColumn(f"[bold]{method}[/] layer"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False)
+    task = bar.add_task(method, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return update, bar
+
+
+def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> QuantizeResult:
+    """Quantize args.model with args.method and write the checkpoint to args.out (atomically)."""
+    if args.backend != "llmopt":
+        try:
+            from llmopt.backends import run_backend
+        except ImportError:
+            raise LlmoptError(f"backend {args.backend!r} is not available in this build: use --backend llmopt") from None
+        return run_backend(args)
+
+    from llmopt.calibration import DataSpec, load_token_batch
+    from llmopt.models import ModelSpec, load_model, resolve_path
+    from llmopt.quant import formats
+    from llmopt.quant.pipeline import check_finite_weights, quantize_model
+    from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, resolve_dtype, write_json
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    qargs = args.quant_args()
+    check_out_dir(args.out, args.overwrite)  # fail before any heavy work
+    _check_writable(args.out)
+    if not hasattr(formats, "write_checkpoint"):
+        raise LlmoptError("checkpoint writers are not available in this build (llmopt.quant.formats)")
+    formats.check_supported(args.format, args.method, qargs)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+
+    t = time.perf_counter()
+    # the model stays on the CPU; the pipeline moves one layer at a time to the device
+    loaded = load_model(ModelSpec(args.model, "cpu", dtype_name(dtype), args.trust_remote_code, args.revision))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    check_finite_weights(model)
+    is_target = target_filter(model, args.targets, args.ignore)
+    names = _check_shapes(model, is_target, qargs)
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    calib = load_token_batch(DataSpec(args.calib, args.split, args.text_field, args.chat_template), tokenizer,
+                             args.samples, args.seq_len, args.seed, "calib")
+    eval_batch = None
+    if args.evaluate:  # before quantizing: a too-short eval set must fail before the long part
+        eval_batch = load_token_batch(DataSpec(args.eval_data), tokenizer, args.eval_samples, args.eval_seq_len,
+                                      args.seed, "test")
+    timings["data"] = time.perf_counter() - t
+
+    callback, bar = _progress_bar(args.method, progress)
+    with bar:
+        result = quantize_model(model, calib.input_ids, args.method, qargs, is_target, device, callback)
+    timings["quantize"] = result.seconds
+    ignored = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.qweights]
+
+    calibration = {"source": calib.source, "split": calib.split, "samples": args.samples, "seq_len": args.seq_len,
+                   "seed": calib.seed, "sha256": calib.sha256}
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        t = time.perf_counter()
+        formats.write_checkpoint(args.format, model, result.qweights, tmp, qargs, args.method, ignored)
+        tokenizer.save_pretrained(tmp)
+        timings["write"] = time.perf_counter() - t
+        metrics: dict = {"size_bytes": _dir_bytes(tmp), "float_size_bytes": _dir_bytes(loaded.path)}
+        evaluated_with = None
+        if eval_batch is not None:
+            t = time.perf_counter()
+            quality, evaluated_with = _evaluate(args, tmp, model, result.qweights, eval_batch.input_ids, device, dtype)
+            metrics.update(quality)
+            metrics["eval"] = {"source": eval_batch.source, "split": eval_batch.split, "samples": args.eval_samples,
+                               "seq_len": args.eval_seq_len, "sha256": eval_batch.sha256}
+            timings["evaluate"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_all
+        layers = [r.to_dict() for r in result.layers]
+        res = QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
+                             metrics, evaluated_with, len(names))
+        from llmopt import __version__
+
+        write_json(tmp / "llmopt.json", {
+            "llmopt_version": __version__, "torch": torch.__version__, "kind": "quantized",
+            "base_model": {"name": args.model, "path": str(loaded.path)},
+            "method": args.method, "format": args.format, "args": args.to_dict(), "quant_args": asdict(qargs),
+            "calibration": calibration, "timings": timings, "layers": layers, "metrics": metrics,
+            "evaluated_with": evaluated_with, "quantized_modules": len(names), "ignored_modules": ignored,
+        })
+    return res
+
+
+@torch.inference_mode()
+def _evaluate(args: QuantizeArgs, path: Path, qmodel, qweights, windows: torch.Tensor, device: torch.device,
+              dtype: torch.dtype) -> tuple[dict, str]:
+    """Quality of the written checkpoint (through llmopt's runtime; the in-memory fake-quant model only when
+    the runtime is not in this build) and of the float model, on the same windows."""
+    import contextlib
+
+    from llmopt.evaluate.quality import measure_quality
+    from llmopt.models import ModelSpec, load_model
+    from llmopt.quant.pipeline import act_quant_hooks
+    from llmopt.utils import dtype_name
+
+    base = load_model(ModelSpec(args.model, str(device), dtype_name(dtype), args.trust_remote_code, args.revision))
+    hooks = contextlib.nullcontext()
+    try:
+        from llmopt.runtime import load_quantized_model  # noqa: F401  (is the runtime in this build?)
+    except ImportError:
+        quant, how = qmodel.to(device), "fake-quant"
+        act = {n: quant.get_submodule(n) for n, w in qweights.items() if w.act_bits}
+        if act:
+            hooks = act_quant_hooks(act)
+    else:
+        quant = load_model(ModelSpec(str(path), str(device), dtype_name(dtype), args.trust_remote_code)).model
+        how = "runtime"
+    with hooks:
+        q = measure_quality(quant, windows, base.model)
+    f = measure_quality(base.model, windows)
+    return {"float": f.to_dict(), "quantized": q.to_dict()}, how

@@ -1,0 +1,113 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+1. Scale search: for the Linears that read one input X, try s = mean|X|^α (normalised) for α on a grid,
+   quantize W·s, and keep the α whose output X·(Q(W·s)/s)ᵀ is closest to X·Wᵀ. α = 0 (s = 1, plain RTN)
+   is on the grid, so the chosen scales never do worse than RTN on the search tokens. The scales are folded
+   into the preceding op (mappings.fold_scales), leaving the float function unchanged.
+2. Clip search: per output channel and group, shrink the weight range by a ratio r ≤ 1 and keep the r
+   whose group output error dᵀ·(XᵍᵀXᵍ)·d is smallest; r = 1 (no clipping) is on the grid.
+
+Pure tensor functions; the pipeline gathers the statistics (AwqStats) and applies the results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.quant.rtn import expand_groups, fake_quantize, group_range, params_from_range, rtn_quantize
+from llmopt.quant.types import QuantArgs, QuantizedWeight
+
+SEARCH_TOKENS = 2048  # tokens kept for the scale search (the clip search uses every token through Gram blocks)
+CLIP_MAX_SHRINK = 0.5  # smallest ratio tried is 1 - CLIP_MAX_SHRINK·(grid-1)/grid
+
+
+class AwqStats:
+    """Per-Linear-input statistics: Σ|x| per channel, Σ xᵍᵀxᵍ per group (block-diagonal Gram), a token sample."""
+
+    __slots__ = ("abs_sum", "gram", "sample", "n", "stride", "group_size")
+
+    def __init__(self, n_in: int, group_size: int, total_tokens: int, device: torch.device) -> None:
+        gs = n_in if group_size == -1 else group_size
+        self.group_size = gs
+        self.abs_sum = torch.zeros(n_in, dtype=torch.float64, device=device)  # [in]
+        self.gram = torch.zeros(n_in // gs, gs, gs, dtype=torch.float64, device=device)  # [G, gs, gs]
+        self.sample: list[torch.Tensor] = []
+        self.n = 0
+        self.stride = max(1, -(-total_tokens // SEARCH_TOKENS))  # ceil: ~SEARCH_TOKENS evenly spread tokens
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [T, in]
+        t = x.shape[0]
+        self.abs_sum += x.abs().sum(0).double()
+        xg = x.view(t, -1, self.group_size).transpose(0, 1)  # [G, T, gs]
+        self.gram += (xg.transpose(1, 2) @ xg).double()
+        first = (-self.n) % self.stride  # keep global token indices that are multiples of stride
+        self.sample.append(x[first::self.stride].clone())
+        self.n += t
+
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).float()  # [in]
+
+    def tokens(self) -> torch.Tensor:
+        return torch.cat(self.sample)  # [S, in]
+
+    def gram_blocks(self) -> torch.Tensor:
+        return (self.gram / max(self.n, 1)).float()  # [G, gs, gs]
+
+
+def _rtn_fake(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    n_in = w.shape[1]
+    wmin, wmax = group_range(w, args.group_size)
+    scale, zero = params_from_range(wmin, wmax, args.bits, args.sym)
+    return fake_quantize(w, expand_groups(scale, args.group_size, n_in), expand_groups(zero, args.group_size, n_in),
+                         args.bits)
+
+
+def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs
+                  ) -> tuple[torch.Tensor, float, float, float]:
+    """x [S, in] sample, x_mean [in], weights [[out_i, in]] → (s [in], α, best loss, loss at α=0 i.e. RTN)."""
+    w = torch.cat([wi.float() for wi in weights])  # [O, in]
+    x = x.float()
+    ref = x @ w.t()  # [S, O]
+    best = (torch.ones_like(x_mean), 0.0, float("inf"))
+    rtn_loss = float("nan")
+    for k in range(args.awq_grid):
+        alpha = k / args.awq_grid
+        s = x_mean.clamp(min=1e-4).pow(alpha)  # [in]
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 in log space
+        wq = _rtn_fake(w * s, args) / s  # [O, in]
+        loss = (x @ wq.t() - ref).pow(2).mean().item()
+        if k == 0:
+            rtn_loss = loss
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best[0], best[1], best[2], rtn_loss
+
+
+def search_clip(w: torch.Tensor, gram: torch.Tensor, args: QuantArgs, chunk: int = 256) -> torch.Tensor:
+    """w [out, in] (already scaled), gram [G, gs, gs] of its inputs → clip ratio [out, G] per group."""
+    out, n_in = w.shape
+    g_count, gs, _ = gram.shape
+    w = w.float()
+    wg = w.view(out, g_count, gs)  # [out, G, gs]
+    wmin, wmax = wg.amin(-1), wg.amax(-1)  # [out, G]
+    best_ratio = torch.ones(out, g_count, device=w.device)
+    best_err = torch.full((out, g_count), float("inf"), device=w.device)
+    for k in range(args.awq_grid):
+        r = 1 - CLIP_MAX_SHRINK * k / args.awq_grid
+        scale, zero = params_from_range(wmin * r, wmax * r, args.bits, args.sym)  # [out, G]
+        d = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), args.bits) - wg  # [out, G, gs]
+        err = torch.empty(out, g_count, device=w.device)
+        for o in range(0, out, chunk):  # d·Gram·d per (channel, group), chunked to bound memory
+            dc = d[o:o + chunk]  # [c, G, gs]
+            err[o:o + chunk] = torch.einsum("cgi,gij,cgj->cg", dc, gram, dc)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+    return best_ratio
+
+
+def awq_quantize(w_scaled: torch.Tensor, gram_scaled: torch.Tensor | None, args: QuantArgs) -> QuantizedWeight:
+    """Quantize an already-scaled weight [out, in] with the clip search (gram over the scaled inputs)."""
+    clip = search_clip(w_scaled, gram_scaled, args) if args.awq_clip and gram_scaled is not None else None
+    return rtn_quantize(w_scaled, args, clip=clip)

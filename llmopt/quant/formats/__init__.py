@@ -1,0 +1,107 @@
+"""Quantized checkpoint formats: compressed-tensors (default), GPTQ, AWQ (GEMM).
+
+write_checkpoint turns QuantizedWeights into a format's tensors + config; read_checkpoint does the
+reverse for checkpoints written by llmopt, llm-compressor, AutoGPTQ/GPTQModel or AutoAWQ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmopt.errors import LlmoptError
+from llmopt.quant.formats import _io, awq, compressed_tensors, gptq
+from llmopt.quant.types import FORMATS, QuantArgs, QuantizedWeight
+
+_BY_METHOD = {"compressed-tensors": compressed_tensors, "gptq": gptq, "awq": awq}
+
+
+def _format(fmt: str):
+    if fmt not in FORMATS:
+        raise LlmoptError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return _BY_METHOD[fmt]
+
+
+def check_supported(fmt: str, method: str, quant_args: QuantArgs) -> None:
+    """Raise LlmoptError when `fmt` cannot store what `method` with `quant_args` produces."""
+    _format(fmt).check_supported(method, quant_args)
+
+
+def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, QuantizedWeight], out: Path,
+                     quant_args: QuantArgs, method: str, ignore: list[str]) -> None:
+    """Write config.json (with quantization_config) and safetensors weights into the existing dir `out`.
+
+    Quantized Linears are stored in the format's layout; every other tensor of `model` as it is.
+    `ignore` (the user's patterns) only explains the float Linears: the config lists the exact names of the
+    Linears that stayed float, derived from `model` and `qweights`, which every loader matches unambiguously.
+    """
+    module = _format(fmt)
+    module.check_supported(method, quant_args)
+    if not qweights:
+        raise LlmoptError("no Linear layer was quantized: check --ignore/--targets patterns")
+    out = Path(out)
+    unquantized = _io.unquantized_linears(model, qweights)
+    tensors = _io.plain_tensors(model, qweights)
+    scale_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for name, qw in qweights.items():
+        if fmt == "compressed-tensors":
+            tensors.update(module.module_tensors(name, qw, scale_dtype))
+        else:
+            tensors.update(module.module_tensors(name, qw))
+        bias = _io.linear_bias(model, name, qw)
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias  # original dtype: every loader casts biases to its compute dtype
+    if fmt == "compressed-tensors":
+        qc = module.quantization_config(qweights, unquantized)
+    elif fmt == "gptq":
+        qc = module.quantization_config(qweights, unquantized, quant_args, method)
+    else:
+        qc = module.quantization_config(qweights, unquantized)
+    _io.save_tensors(tensors, out)
+    config = _io.model_config_dict(model, qc)
+    if "lm_head" in qweights:  # a quantized head can no longer share the embedding's tensor
+        config["tie_word_embeddings"] = False
+    _io.write_json(out / "config.json", config)
+    if fmt == "gptq":  # AutoGPTQ-era loaders read the settings from this file
+        _io.write_json(out / "quantize_config.json", qc)
+
+
+def quant_method(config: dict) -> str:
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or "quant_method" not in qc:
+        raise LlmoptError("config.json has no quantization_config with a quant_method: not a quantized checkpoint")
+    method = str(qc["quant_method"]).lower()
+    if method not in _BY_METHOD:
+        raise LlmoptError(f"quantization method {method!r} is not supported: llmopt reads "
+                          f"{', '.join(_BY_METHOD)} checkpoints")
+    return method
+
+
+def read_config(path: Path) -> dict:
+    """config.json as a dict; a GPTQ checkpoint that keeps its settings only in quantize_config.json gets them merged."""
+    config = _io.read_config(path)
+    legacy = Path(path) / "quantize_config.json"
+    if "quantization_config" not in config and legacy.exists():
+        import json
+
+        config["quantization_config"] = {"quant_method": "gptq", **json.loads(legacy.read_text())}
+    return config
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """(config.json dict, quantized Linears by module name, every other tensor by state-dict key)."""
+    config = read_config(Path(path))
+    method = quant_method(config)
+    tensors = _io.load_tensors(Path(path))
+    qweights = _BY_METHOD[method].read(config, tensors)
+    if not qweights:
+        raise LlmoptError(f"{path} declares {method} quantization but holds no quantized Linear tensors")
+    for name in qweights:  # the Linear's bias travels with its QuantizedWeight
+        bias = tensors.pop(f"{name}.bias", None)
+        if bias is not None:
+            qweights[name].bias = bias
+    return config, qweights, tensors
+
+
+__all__ = ["check_supported", "write_checkpoint", "read_checkpoint", "read_config", "quant_method"]

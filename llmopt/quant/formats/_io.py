@@ -1,0 +1,133 @@
+"""Checkpoint I/O shared by the format writers/readers: safetensors shards, config, plain tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmopt.errors import LlmoptError
+from llmopt.quant.types import QuantizedWeight
+
+SHARD_BYTES = 4 << 30  # split weights into files of at most ~4 GiB, like save_pretrained does
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    """Names of every nn.Linear in the model, in module order."""
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def unquantized_linears(model: torch.nn.Module, qweights: dict[str, QuantizedWeight]) -> list[str]:
+    missing = sorted(set(qweights) - set(linear_names(model)))
+    if missing:
+        raise LlmoptError(f"quantized weights name modules that are not Linear layers of the model: {missing[:3]}")
+    return [n for n in linear_names(model) if n not in qweights]
+
+
+def plain_tensors(model: torch.nn.Module, qweights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor except the float weights (and biases) of quantized Linears.
+
+    Tensors sharing storage (tied embeddings) are written once, under the first name, as
+    save_pretrained does; the loader re-ties them from the config.
+    """
+    skip = {f"{n}.weight" for n in qweights} | {f"{n}.bias" for n in qweights}
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, t in model.state_dict().items():
+        if key in skip:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t.detach().cpu().contiguous()
+    return out
+
+
+def linear_bias(model: torch.nn.Module, name: str, qw: QuantizedWeight) -> torch.Tensor | None:
+    """The bias to store for a quantized Linear: the one carried by the QuantizedWeight, else the module's."""
+    if qw.bias is not None:
+        return qw.bias.detach().cpu()
+    bias = model.get_submodule(name).bias
+    return None if bias is None else bias.detach().cpu()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
+    """Write tensors as one safetensors file, or shards plus an index when they exceed SHARD_BYTES."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    meta = {"format": "pt"}
+    if total <= SHARD_BYTES:
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata=meta)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded), on CPU."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise LlmoptError(f"{path} holds no .safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(path / f)))
+    return tensors
+
+
+def model_config_dict(model: torch.nn.Module, quantization_config: dict) -> dict:
+    """The model's config as a dict with `quantization_config` set (the model's own config is not modified)."""
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = quantization_config
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    return cfg
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.exists():
+        raise LlmoptError(f"{path} has no config.json: expected a quantized checkpoint directory")
+    return json.loads(cfg_path.read_text())
+
+
+def pop_module_tensors(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], anchor: str
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+    """Group `{module}.{suffix}` tensors by module for every module that has `{module}.{anchor}`; removes them."""
+    modules = [k[: -len(anchor) - 1] for k in tensors if k.endswith("." + anchor)]
+    grouped = {}
+    for m in modules:
+        grouped[m] = {s: tensors.pop(f"{m}.{s}") for s in suffixes if f"{m}.{s}" in tensors}
+    return grouped
+
+
+def trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True when g_idx is just column // group_size (contiguous groups), i.e. carries no act-order."""
+    n = g_idx.numel()
+    gs = n if group_size == -1 else group_size
+    return torch.equal(g_idx.long().cpu(), torch.arange(n) // gs)

@@ -1,0 +1,131 @@
+"""GPTQ (Frantar et al., 2022): quantize a Linear column by column, correcting the columns still to come
+with the inverse Hessian of the layer-output error, H = 2·XᵀX / n over the calibration inputs X.
+
+Pure tensor core: `gptq_quantize(w, H, args)`. Work happens in float32 on w's device; the inverse
+Hessian is factored once (Cholesky of H⁻¹, upper), updates inside a block are rank-1 and the rest of
+the matrix is updated once per block (lazy batch updates), so the Python loop only touches
+[out, block] tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.errors import LlmoptError
+from llmopt.quant.rtn import check_group_size, group_range, params_from_range
+from llmopt.quant.types import QuantArgs, QuantizedWeight
+
+
+class HessianAccumulator:
+    """Running H = 2/n · Σ xᵀx over Linear inputs: products in float32, the sum in float64."""
+
+    __slots__ = ("h", "n")
+
+    def __init__(self, n_in: int, device: torch.device) -> None:
+        self.h = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)  # [in, in]
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [T, in]
+        self.h += (x.t() @ x).double()
+        self.n += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.n == 0:
+            raise LlmoptError("GPTQ saw no calibration inputs for a layer: check --samples and the model")
+        return (self.h * (2.0 / self.n)).float()
+
+
+def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); retries with more damping if needed."""
+    n = h.shape[0]
+    diag = torch.arange(n, device=h.device)
+    mean_diag = h.diagonal().mean()
+    for factor in (1.0, 10.0, 100.0):
+        hd = h.clone()
+        hd[diag, diag] += max(damp, 1e-6) * factor * mean_diag
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if info == 0:
+            hinv = torch.cholesky_inverse(chol)
+            chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0:
+                return chol_inv
+    raise LlmoptError("GPTQ: the Hessian is not positive definite even with 100x --damp: raise --damp or "
+                      "use more calibration samples")
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> QuantizedWeight:
+    """GPTQ of w [out, in] given H [in, in]. Returns codes in the original column order; with act_order
+    (and no static groups) g_idx maps each column to its group."""
+    out, n_in = w.shape
+    check_group_size(n_in, args.group_size)
+    gs = n_in if args.group_size == -1 else args.group_size
+    maxq = 2 ** args.bits - 1
+    W = w.detach().float().clone()  # [out, in]
+    H = h.float().clone()  # [in, in]
+
+    dead = H.diagonal() == 0  # inputs that never fire: any value works, keep the Hessian invertible
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    # static groups: parameters fixed up front from the (original order) weight, so g_idx stays contiguous
+    static_scale = static_zero = None
+    if args.group_size == -1 or args.static_groups:
+        wmin, wmax = group_range(W, args.group_size)
+        static_scale, static_zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
+
+    perm = None
+    if args.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)  # [in]
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U = _inverse_hessian_cholesky(H, args.damp)  # [in, in] upper
+    del H
+
+    Q = torch.empty_like(W, dtype=torch.uint8)  # codes, permuted order
+    n_groups = n_in // gs
+    scales = torch.empty(out, n_groups, device=W.device)
+    zeros = torch.empty(out, n_groups, device=W.device)
+    # group of each permuted column: contiguous in the original order (static) or the permuted one (dynamic)
+    order = torch.arange(n_in, device=W.device)
+    col_group = (perm if perm is not None and static_scale is not None else order) // gs  # [in]
+    if static_scale is not None:
+        scales.copy_(static_scale)
+        zeros.copy_(static_zero)
+    col_group_list = col_group.tolist()
+
+    bs = args.block_size
+    for i1 in range(0, n_in, bs):
+        i2 = min(i1 + bs, n_in)
+        W1 = W[:, i1:i2].clone()  # [out, b]
+        E1 = torch.empty_like(W1)  # [out, b] scaled errors
+        U1 = U[i1:i2, i1:i2]  # [b, b]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col_group_list[col]
+            if static_scale is None and col % gs == 0:
+                # group params from the fully updated weights of this group's columns; columns past the
+                # block still owe this block's lazy update, applied here to the slice that is read
+                cols = W1[:, i:i + gs]  # [out, ≤gs]
+                if col + gs > i2:
+                    rest = W[:, i2:col + gs] - E1[:, :i] @ U[i1:i1 + i, i2:col + gs]
+                    cols = torch.cat([cols, rest], dim=1)  # [out, gs]
+                s, z = params_from_range(cols.amin(1), cols.amax(1), args.bits, args.sym)
+                scales[:, g], zeros[:, g] = s, z
+            s, z = scales[:, g], zeros[:, g]  # [out]
+            wcol = W1[:, i]
+            q = torch.clamp(torch.round(wcol / s) + z, 0, maxq)
+            Q[:, col] = q.to(torch.uint8)
+            err = (wcol - (q - z) * s) / U1[i, i]  # [out]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # rank-1 update of the block's remaining columns
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if static_scale is None:
+            g_idx = col_group[inv].to(torch.int32)  # [in] group of each original column
+    return QuantizedWeight(qweight=Q, scales=scales, zeros=zeros.round().to(torch.int32), g_idx=g_idx,
+                           bits=args.bits, group_size=args.group_size, sym=args.sym)

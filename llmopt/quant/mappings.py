@@ -1,0 +1,63 @@
+"""Which op precedes which Linears in a decoder layer, so per-input-channel scales can be folded into it.
+
+AWQ and SmoothQuant both multiply a Linear's input channels by s and divide the op producing that input
+by s, which leaves the float function unchanged:
+  input_layernorm          → q_proj, k_proj, v_proj   (RMSNorm weight / s)
+  self_attn.v_proj         → o_proj                    (v rows / s; only without GQA: with GQA one v row
+                                                        feeds several o columns, which then need one scale)
+  post_attention_layernorm → gate_proj, up_proj
+  mlp.up_proj              → down_proj                 (up rows / s: act(gate)·up is linear in up)
+Llama, Mistral, Qwen2 and Qwen3 share these names and a plain-weight RMSNorm; other families are refused
+by the methods that need this (GPTQ and RTN need no mapping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmopt.errors import LlmoptError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleGroup:
+    """Linears (names relative to the decoder layer) that read the output of `prev`."""
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+def scale_groups(layer: nn.Module, config) -> list[ScaleGroup]:
+    """The foldable groups of one decoder layer (see module docstring)."""
+    mtype = getattr(config, "model_type", "")
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise LlmoptError(f"scale migration (awq, w8a8) supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not "
+                          f"{mtype!r}: use --method gptq or rtn")
+    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    v = layer.get_submodule("self_attn.v_proj")
+    o = layer.get_submodule("self_attn.o_proj")
+    if v.out_features == o.in_features:
+        groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)))
+    groups += [ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+               ScaleGroup("mlp.up_proj", ("mlp.down_proj",))]
+    return groups
+
+
+@torch.no_grad()
+def fold_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
+    """Multiply the group's Linear input channels by s [in] and divide the preceding op's output by s."""
+    prev = layer.get_submodule(group.prev)
+    s = s.to(prev.weight.device)
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))  # [out_prev, in_prev] rows
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    else:  # RMSNorm: y = x̂ · weight
+        prev.weight.div_(s.to(prev.weight.dtype))
+    for name in group.linears:
+        lin = layer.get_submodule(name)
+        lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))  # [out, in] columns

@@ -1,0 +1,49 @@
+"""Rich tables for a QuantizeResult: quantized vs float quality, sizes, time, and the per-layer check."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from llmopt.quant.api import QuantizeResult
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def summary_table(res: QuantizeResult) -> Table:
+    """Float vs quantized: perplexity, mean/p99 KLD, top-1 agreement, size on disk, time."""
+    m = res.metrics
+    qa = res.quant_args
+    group = "per-channel" if qa["group_size"] == -1 else f"g{qa['group_size']}"
+    title = (f"{res.method} W{qa['bits']} {group} {'sym' if qa['sym'] else 'asym'} → {res.format}"
+             f"  ({res.quantized_modules} Linears)")
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "perplexity", "mean KLD", "p99 KLD", "top-1", "size on disk", "time"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    fq, qq = m.get("float"), m.get("quantized")
+    t.add_row("float", _f(fq and fq["perplexity"], ".3f"), "0", "0", "1.000", _mib(m.get("float_size_bytes")), "—")
+    ratio = m["size_bytes"] / m["float_size_bytes"] if m.get("float_size_bytes") else None
+    t.add_row(f"quantized ({res.evaluated_with or 'not evaluated'})", _f(qq and qq["perplexity"], ".3f"),
+              _f(qq and qq["kld_mean"], ".3e"), _f(qq and qq["kld_p99"], ".3e"), _f(qq and qq["top1_agreement"], ".3f"),
+              f"{_mib(m.get('size_bytes'))} ({_f(ratio, '.2f')}×)", f"{res.timings['quantize']:.1f} s")
+    if fq and qq:
+        delta = qq["perplexity"] / fq["perplexity"] - 1
+        t.caption = (f"perplexity {delta:+.2%} vs float on {qq['tokens']} tokens of {m['eval']['source']}:"
+                     f"{m['eval']['split']}; total time {res.timings['total']:.1f} s")
+    return t
+
+
+def layer_table(res: QuantizeResult) -> Table:
+    """Per-layer relative output error vs the float layer, next to RTN's at the same bits/group/sym."""
+    t = Table(title="per-layer relative output error (check samples)", title_justify="left")
+    for col in ("layer", f"{res.method} vs float", "RTN vs float", f"{res.method} / RTN", "time"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for layer in res.layers:
+        t.add_row(layer["name"], f"{layer['error']:.3e}", f"{layer['rtn_error']:.3e}", f"{layer['vs_rtn']:.3f}",
+                  f"{layer['seconds']:.2f} s")
+    return t

@@ -1,0 +1,96 @@
+"""Round-to-nearest (RTN): the baseline every other quantizer is compared with.
+
+Pure tensor functions. Code convention (see types.py): codes q in [0, 2**bits - 1], w = (q - zero) * scale,
+symmetric means zero = 2**(bits-1) for every group. Symmetric scales follow the GPTQ convention
+scale = 2·amax / (2**bits - 1), so the representable range [-2**(bits-1), 2**(bits-1) - 1]·scale spans
+the weight range with half a step of clipping at the positive end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.errors import LlmoptError
+from llmopt.quant.types import QuantArgs, QuantizedWeight
+
+
+def n_groups(n_in: int, group_size: int) -> int:
+    return 1 if group_size == -1 else n_in // group_size
+
+
+def check_group_size(n_in: int, group_size: int, name: str = "layer") -> None:
+    if group_size != -1 and n_in % group_size:
+        raise LlmoptError(f"--group-size {group_size} does not divide {name}'s input dimension {n_in}: "
+                          f"use a divisor of {n_in} or -1 (per channel)")
+
+
+def params_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and integer zero points from per-group minima/maxima (any matching shapes).
+
+    The range is widened to include 0 so that zero stays exactly representable.
+    """
+    maxq = 2 ** bits - 1
+    wmin = wmin.clamp(max=0)
+    wmax = wmax.clamp(min=0)
+    if sym:
+        amax = torch.maximum(-wmin, wmax)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        scale = (wmax - wmin) / maxq
+        zero = None
+    # an all-zero group: any positive scale represents it exactly
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if zero is None:
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def group_range(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] → (min, max) each [out, n_groups]."""
+    out, n_in = w.shape
+    g = w.reshape(out, n_groups(n_in, group_size), -1)  # [out, G, gs]
+    return g.amin(-1), g.amax(-1)
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of w given broadcastable scale/zero (same shape as w after broadcasting)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize (same broadcasting rules as quantize_codes)."""
+    return (quantize_codes(w, scale, zero, bits) - zero) * scale
+
+
+def expand_groups(t: torch.Tensor, group_size: int, n_in: int) -> torch.Tensor:
+    """[out, G] per-group values → [out, in] per-column values for contiguous groups."""
+    gs = n_in if group_size == -1 else group_size
+    return t.repeat_interleave(gs, dim=1)
+
+
+def rtn_quantize(w: torch.Tensor, args: QuantArgs, clip: torch.Tensor | None = None) -> QuantizedWeight:
+    """RTN of w [out, in]; `clip` [out, G] optionally shrinks each group's range (AWQ's clip search)."""
+    out, n_in = w.shape
+    check_group_size(n_in, args.group_size)
+    w = w.float()
+    wmin, wmax = group_range(w, args.group_size)  # [out, G]
+    if clip is not None:
+        wmin, wmax = wmin * clip, wmax * clip
+    scale, zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
+    q = quantize_codes(w, expand_groups(scale, args.group_size, n_in), expand_groups(zero, args.group_size, n_in),
+                       args.bits)
+    return QuantizedWeight(qweight=q.to(torch.uint8), scales=scale, zeros=zero.to(torch.int32), g_idx=None,
+                           bits=args.bits, group_size=args.group_size, sym=args.sym)
+
+
+def rtn_fake_quantize(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """w [out, in] → RTN-dequantized weight [out, in] (float32)."""
+    return rtn_quantize(w, args).dequantize(torch.float32)
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic per-token symmetric quantization of activations x [..., in] (what W8A8 kernels do)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax  # [..., 1]
+    return torch.clamp(torch.round(x / scale), -qmax, qmax) * scale

@@ -1,0 +1,34 @@
+import json
+
+from llmopt.evaluate.api import EvalResult, ModelReport
+from llmopt.evaluate.report import finite, pareto_front, plot_png, table, to_csv, write_reports
+
+
+def _report(name, ppl, kld, tps):
+    q = {"perplexity": ppl, "kld_mean": kld, "kld_p99": kld, "top1_agreement": 0.9, "tasks": None}
+    dist = {"mean": 1.0, "p50": 1.0, "p95": 2.0, "p99": 3.0}
+    p = {"engine": "llmopt", "output_tokens_per_s": tps, "total_tokens_per_s": tps * 3, "requests_per_s": 1.0,
+         "ttft_ms": dist, "tpot_ms": dist, "itl_ms": dist, "e2el_ms": dist, "cost_per_1k_output_tokens": None}
+    m = {"weight_bytes": 1000, "kv_bytes_allocated": 200, "kv_bytes_formula": 190, "kv_waste_bytes": 10}
+    return ModelReport(name, "float", q, p, m)
+
+
+def test_pareto_front():
+    pts = [(10.0, 0.5), (20.0, 0.6), (15.0, 0.7), (5.0, 0.1), (20.0, 0.9)]
+    assert pareto_front(pts) == [3, 0, 1]  # sorted by throughput
+
+
+def test_outputs(tmp_path):
+    res = EvalResult([_report("a", 10.0, 0.0, 100.0), _report("b", 11.0, 0.02, 150.0)], {"seed": 0}, "a")
+    write_reports(res, tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png")
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert [r["model"] for r in d["results"]] == ["a", "b"]
+    csv = (tmp_path / "r.csv").read_text().splitlines()
+    assert csv[0].startswith("model,method,perplexity") and "ttft_p99_ms" in csv[0] and len(csv) == 3
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert table(d).row_count == 2
+    assert not list(tmp_path.glob(".*"))  # no temp files left
+
+
+def test_non_finite_numbers_become_null():
+    assert finite({"a": float("inf"), "b": [1.0, float("nan")]}) == {"a": None, "b": [1.0, None]}

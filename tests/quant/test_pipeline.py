@@ -1,0 +1,78 @@
+"""The layer-by-layer pipeline on tiny models: GPTQ/AWQ beat RTN, architectures, lm_head and tied embeddings."""
+
+import contextlib
+
+import pytest
+import torch
+
+from llmopt.calibration import DataSpec, load_token_batch
+from llmopt.evaluate.quality import measure_quality
+from llmopt.models import ModelSpec, load_model
+from llmopt.quant.api import target_filter
+from llmopt.quant.pipeline import act_quant_hooks, quantize_model
+from llmopt.quant.types import QuantArgs
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model_dir):
+    tok = load_model(ModelSpec(str(tiny_model_dir), "cpu", "float32")).tokenizer
+    calib = load_token_batch(DataSpec("builtin"), tok, 32, 64, 0, "calib").input_ids
+    test = load_token_batch(DataSpec("builtin"), tok, 16, 64, 0, "test").input_ids
+    return calib, test
+
+
+def _run(path, calib, test, method, qargs, targets=("Linear",), ignore=()):
+    base = load_model(ModelSpec(str(path), "cpu", "float32")).model
+    model = load_model(ModelSpec(str(path), "cpu", "float32")).model
+    res = quantize_model(model, calib, method, qargs, target_filter(model, list(targets), list(ignore)), CPU,
+                         batch_size=8)
+    act = {n: model.get_submodule(n) for n, w in res.qweights.items() if w.act_bits}
+    with act_quant_hooks(act) if act else contextlib.nullcontext():
+        q = measure_quality(model, test % model.config.vocab_size, base)
+    return res, q, model
+
+
+def test_gptq_and_awq_beat_rtn_on_trained_llama(tiny_model_dir, data):
+    calib, test = data
+    _, rtn, _ = _run(tiny_model_dir, calib, test, "rtn", QuantArgs(bits=4, group_size=32))
+    gres, gptq, _ = _run(tiny_model_dir, calib, test, "gptq", QuantArgs(bits=4, group_size=32))
+    _, rtn_a, _ = _run(tiny_model_dir, calib, test, "rtn", QuantArgs(bits=4, group_size=32, sym=False))
+    ares, awq, _ = _run(tiny_model_dir, calib, test, "awq", QuantArgs(bits=4, group_size=32, sym=False))
+    assert gptq.kld_mean <= 0.5 * rtn.kld_mean
+    assert awq.kld_mean < rtn_a.kld_mean
+    assert all(r.error < r.rtn_error for r in gres.layers)
+    assert len(gres.qweights) == 2 * 7 and "lm_head" not in gres.qweights
+
+
+@pytest.mark.parametrize("method", ["int8", "w8a8"])
+def test_eight_bit_perplexity_within_one_percent(tiny_model_dir, data, method):
+    calib, test = data
+    res, q, _ = _run(tiny_model_dir, calib, test, method, QuantArgs(bits=8, group_size=-1))
+    f = measure_quality(load_model(ModelSpec(str(tiny_model_dir), "cpu", "float32")).model, test)
+    assert abs(q.perplexity / f.perplexity - 1) < 0.01
+    assert all(w.act_bits == (8 if method == "w8a8" else None) for w in res.qweights.values())
+
+
+@pytest.mark.parametrize("method,sym", [("gptq", True), ("awq", False), ("w8a8", True)])
+def test_qwen2_biases_gqa_tied(tiny_qwen2_dir, data, method, sym):
+    calib, test = data
+    bits = 8 if method == "w8a8" else 4
+    res, q, model = _run(tiny_qwen2_dir, calib, test, method, QuantArgs(bits=bits, group_size=-1 if bits == 8 else 32,
+                                                                       sym=sym))
+    assert res.qweights["model.layers.0.self_attn.q_proj"].bias is not None  # Qwen2 attention biases carried
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    assert all(torch.isfinite(torch.tensor(r.error)) and r.error < 1.2 * r.rtn_error for r in res.layers)
+    assert q.top1_agreement > 0.8
+
+
+def test_lm_head_only_when_named(tiny_qwen2_dir, data):
+    calib, test = data
+    res, _, model = _run(tiny_qwen2_dir, calib, test, "gptq", QuantArgs(bits=8, group_size=-1),
+                         targets=("Linear", "lm_head"), ignore=("re:.*mlp.*",))
+    assert "lm_head" in res.qweights and not any("mlp" in n for n in res.qweights)
+    # quantizing a tied head unties it: the embeddings stay float
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert not model.config.tie_word_embeddings
+    assert res.layers[-1].name == "lm_head" and res.layers[-1].error < 0.02
