@@ -171,7 +171,7 @@ def main() -> None:
                 wall, text = timed([str(llmc_py), "-c", LLMC_SCRIPT, str(path), str(ids_file),
                                     str(outs["llm-compressor gptq"])], env)
                 runs["llm-compressor gptq"].append(wall)
-                print(f"[{kind}] llm-compressor: {next(l for l in text.splitlines() if 'LLMC_TIMES' in l)}")
+                print(f"[{kind}] llm-compressor: {next(ln for ln in text.splitlines() if 'LLMC_TIMES' in ln)}")
         eval_ids = load_token_batch(DataSpec("builtin"), tok, args.eval_samples, args.seq_len, 0, "test").input_ids
         loaders = {"llmopt gptq": lambda: load_model(ModelSpec(str(outs["llmopt gptq"]), "cpu", "float32")).model,
                    "llmopt awq": lambda: load_model(ModelSpec(str(outs["llmopt awq"]), "cpu", "float32")).model}

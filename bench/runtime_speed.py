@@ -8,7 +8,10 @@ interleaved rounds against the fp32 (and bf16) model:
 - prefill: one forward over the prompt; tokens/s = prompt length / median time
 Every variant gets a warm-up first (which also runs the kernel autotuning). Ratios are of medians.
 
-    python bench/runtime_speed.py [--layers 6] [--threads 1] [--prompt 256] [--steps 32] [--rounds 3]
+A `+head` variant also quantizes lm_head (llmopt quantize leaves it float unless --targets names it): at
+batch-1 decode a float lm_head over a 32k vocabulary is a fixed cost the quantized layers cannot shrink.
+
+    python bench/runtime_speed.py [--layers 6] [--threads 1] [--prompt 128] [--steps 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def build_float(args) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def quantized(model: torch.nn.Module, method: str, root: Path, lm_head: bool) -> torch.nn.Module:
+def quantized(model: torch.nn.Module, variant: str, root: Path) -> torch.nn.Module:
     """RTN-quantize every decoder Linear, write a compressed-tensors checkpoint, load it with llmopt's runtime."""
     from transformers import AutoConfig
 
@@ -42,6 +45,8 @@ def quantized(model: torch.nn.Module, method: str, root: Path, lm_head: bool) ->
     from llmopt.quant.types import QuantArgs
     from llmopt.runtime import load_quantized_model
 
+    method, _, head = variant.partition("+")
+    lm_head = head == "head"
     qargs = QuantArgs(bits=4, group_size=128) if method == "int4" else QuantArgs(bits=8, group_size=-1)
     qweights = {}
     for name, m in model.named_modules():
@@ -49,12 +54,11 @@ def quantized(model: torch.nn.Module, method: str, root: Path, lm_head: bool) ->
             qw = rtn_quantize(m.weight.detach(), qargs)
             qw.act_bits = 8 if method == "w8a8" else None
             qweights[name] = qw
-    out = root / method
+    out = root / variant.replace("+", "-")
     out.mkdir()
     write_checkpoint("compressed-tensors", model, qweights, out, qargs, {"int4": "rtn"}.get(method, method),
                      [] if lm_head else ["lm_head"])
-    loaded = load_quantized_model(out, AutoConfig.from_pretrained(out), torch.device("cpu"), torch.float32)
-    return loaded
+    return load_quantized_model(out, AutoConfig.from_pretrained(out), torch.device("cpu"), torch.float32)
 
 
 @torch.no_grad()
@@ -76,12 +80,6 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[f
     return prefill, statistics.median(step_times)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    from llmopt.runtime import weight_bytes as wb
-
-    return wb(model)
-
-
 def kernel_summary(model: torch.nn.Module) -> str:
     from llmopt.runtime import kernel_report
 
@@ -92,6 +90,8 @@ def kernel_summary(model: torch.nn.Module) -> str:
 
 
 def main() -> None:
+    from llmopt.runtime import weight_bytes
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=2048)
@@ -100,18 +100,17 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--prompt", type=int, default=256, help="prompt tokens (prefill M)")
-    p.add_argument("--steps", type=int, default=32, help="decode steps per round")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill M)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: stays fp32)")
-    p.add_argument("--variants", default="fp32,bf16,int4,int8,w8a8")
+    p.add_argument("--variants", default="fp32,int4,int8,w8a8,int4+head,int8+head",
+                   help="any of fp32, bf16, int4, int8, w8a8, each quantized one optionally with +head")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, layers {args.layers}, hidden {args.hidden}, "
           f"mlp {args.intermediate}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, prompt {args.prompt}, "
-          f"decode steps {args.steps} × {args.rounds} rounds (interleaved), lm_head "
-          f"{'quantized' if args.quantize_lm_head else 'fp32'}")
+          f"decode steps {args.steps} × {args.rounds} rounds (interleaved)")
 
     base = build_float(args)
     n_lin = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
@@ -125,7 +124,7 @@ def main() -> None:
             elif v == "bf16":
                 models[v] = build_float(args).to(torch.bfloat16)
             else:
-                models[v] = quantized(base, v, Path(tmp), args.quantize_lm_head)
+                models[v] = quantized(base, v, Path(tmp))
             gc.collect()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=g)
@@ -139,13 +138,13 @@ def main() -> None:
             results[v]["decode"].append(dec)
 
     ref = results.get("fp32")
-    print(f"\n{'variant':8} {'decode tok/s':>13} {'× fp32':>8} {'prefill tok/s':>14} {'× fp32':>8} {'weights MB':>11}")
+    print(f"\n{'variant':10} {'decode tok/s':>13} {'× fp32':>8} {'prefill tok/s':>14} {'× fp32':>8} {'weights MB':>11}")
     for v, r in results.items():
         dec = statistics.median(r["decode"])
         pre = statistics.median(r["prefill"])
         d_ratio = statistics.median(ref["decode"]) / dec if ref else float("nan")
         p_ratio = statistics.median(ref["prefill"]) / pre if ref else float("nan")
-        print(f"{v:8} {1 / dec:13.2f} {d_ratio:8.2f} {args.prompt / pre:14.1f} {p_ratio:8.2f} "
+        print(f"{v:10} {1 / dec:13.2f} {d_ratio:8.2f} {args.prompt / pre:14.1f} {p_ratio:8.2f} "
               f"{weight_bytes(models[v]) / 1e6:11.0f}")
     for v, m in models.items():
         if v not in ("fp32", "bf16"):

@@ -132,7 +132,10 @@ def _package_root() -> Path:
     import llmopt
 
     pkg = Path(llmopt.__file__).resolve().parent
-    root = Path(tempfile.gettempdir()) / f"llmopt-pkgroot-{os.getuid()}-{abs(hash(str(pkg))) % 10**8}"
+    import hashlib
+
+    digest = hashlib.sha256(str(pkg).encode()).hexdigest()[:12]
+    root = Path(tempfile.gettempdir()) / f"llmopt-pkgroot-{os.getuid()}-{digest}"
     link = root / "llmopt"
     if not (link.is_symlink() and link.resolve() == pkg):
         root.mkdir(parents=True, exist_ok=True)
@@ -158,50 +161,49 @@ def worker_env(spec: BackendSpec, interpreter: Interpreter) -> dict[str, str]:
 
 @dataclass(slots=True)
 class WorkerRun:
-    """A finished worker: its RESULT.json and where its full log is kept."""
+    """A finished worker: its RESULT.json and the wall time of the whole process."""
 
     result: dict
-    log: Path
     seconds: float
 
 
-def run_worker(spec: BackendSpec, interpreter: Interpreter, job: dict, timeout: float | None = None,
-               keep_log: Path | None = None) -> WorkerRun:
+def run_worker(spec: BackendSpec, interpreter: Interpreter, job: dict, timeout: float | None = None) -> WorkerRun:
     """Run `python -m llmopt.backends.worker JOB.json` in a fresh temp working dir (libraries such as GPTQModel
     write logs/ into the cwd) and return its result; any failure becomes a one-line LlmoptError."""
     import time
 
     work = Path(tempfile.mkdtemp(prefix=f"llmopt-{spec.name}-"))
     job_path, result_path = work / "job.json", work / "result.json"
-    log = keep_log or (work / "worker.log")
+    log = work / "worker.log"
     job = {**job, "backend": spec.name, "result": str(result_path)}
     job_path.write_text(json.dumps(job))
     t = time.perf_counter()
     try:
-        with open(log, "w") as fh:
-            proc = subprocess.run([interpreter.python, "-m", "llmopt.backends.worker", str(job_path)], cwd=work,
-                                  env=worker_env(spec, interpreter), stdout=fh, stderr=subprocess.STDOUT,
-                                  timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise LlmoptError(f"backend {spec.name} did not finish within {timeout:.0f} s (log: {log})") from None
-    seconds = time.perf_counter() - t
-    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
-    if proc.returncode == WORKER_ERROR and "error" in result:
-        raise LlmoptError(f"backend {spec.name}: {result['error']}")
-    if proc.returncode != 0 or "error" in result:
-        raise LlmoptError(f"backend {spec.name} failed ({interpreter.origin}, exit {proc.returncode}): "
-                          f"{_last_error_line(log)} — full log: {_keep(log, work)}")
-    if keep_log is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return WorkerRun(result, log, seconds)
+        try:
+            with open(log, "w") as fh:
+                proc = subprocess.run([interpreter.python, "-m", "llmopt.backends.worker", str(job_path)], cwd=work,
+                                      env=worker_env(spec, interpreter), stdout=fh, stderr=subprocess.STDOUT,
+                                      timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise LlmoptError(f"backend {spec.name} did not finish within {timeout:.0f} s "
+                              f"(log: {_keep(log, work)})") from None
+        seconds = time.perf_counter() - t
+        result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        if proc.returncode == WORKER_ERROR and "error" in result:
+            raise LlmoptError(f"backend {spec.name}: {result['error']}")
+        if proc.returncode != 0 or "error" in result:
+            raise LlmoptError(f"backend {spec.name} failed ({interpreter.origin}, exit {proc.returncode}): "
+                              f"{_last_error_line(log)} — full log: {_keep(log, work)}")
+        return WorkerRun(result, seconds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the worker's cwd: library logs, job and result files
 
 
 def _keep(log: Path, work: Path) -> Path:
-    """Move a failed worker's log somewhere stable and drop its temp dir."""
+    """Move a failed worker's log out of its temp dir (which is deleted) to a stable place."""
     dest = Path(tempfile.gettempdir()) / f"{work.name}.log"
     if log.is_file() and log.parent == work:
         shutil.move(str(log), dest)
-        shutil.rmtree(work, ignore_errors=True)
         return dest
     return log
 

@@ -48,15 +48,17 @@ def _recipe(job: dict):
         actorder = None
         if job["act_order"]:
             actorder = "weight" if job["static_groups"] else "group"
-        return GPTQModifier(config_groups=_scheme(job), ignore=ignore, block_size=job["block_size"],
-                            dampening_frac=job["damp"], actorder=actorder)
+        return [GPTQModifier(config_groups=_scheme(job), ignore=ignore, block_size=job["block_size"],
+                             dampening_frac=job["damp"], actorder=actorder)]
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    rtn = QuantizationModifier(config_groups=_scheme(job), ignore=ignore)
     if job["method"] == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        return AWQModifier(config_groups=_scheme(job), ignore=ignore, n_grid=job["awq_grid"])
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    return QuantizationModifier(config_groups=_scheme(job), ignore=ignore)
+        # AWQModifier only searches and applies the scales; the quantization modifier after it quantizes
+        return [AWQModifier(n_grid=job["awq_grid"]), rtn]
+    return [rtn]
 
 
 def _patch_pin_memory() -> list[str]:
@@ -104,4 +106,36 @@ def quantize(job: dict) -> dict:
     qc = json.loads((Path(job["out"]) / "config.json").read_text()).get("quantization_config", {})
     return {"library": f"llmcompressor {llmcompressor.__version__}", "patches": patches, "format": "compressed-tensors",
             "timings": {"load": t_load, "quantize": t_quant, "save": time.perf_counter() - t},
-            "library_config": {"modifier": type(recipe).__name__, "quantization_config": qc}}
+            "library_config": {"recipe": [type(m).__name__ for m in recipe], "quantization_config": qc}}
+
+
+def _load_quantized(job: dict):
+    """llm-compressor's checkpoints run in transformers (compressed-tensors decompresses them to float at load)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.backends.worker import torch_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], dtype=torch_dtype(job.get("dtype", "float32")))
+    return model.to(job["device"]).eval()
+
+
+def logits(job: dict) -> dict:
+    import transformers
+
+    from llmopt.backends.worker import run_prompts, save_logits
+
+    model = _load_quantized(job)
+    save_logits(job["logits_out"], run_prompts(model, job["prompts"], job["device"]))
+    return {"library": f"transformers {transformers.__version__} (llmcompressor venv)",
+            "loader": "AutoModelForCausalLM.from_pretrained (decompressed to float)", "patches": []}
+
+
+def decode(job: dict) -> dict:
+    import llmcompressor
+
+    from llmopt.backends.worker import time_decode
+
+    model = _load_quantized(job)
+    out = time_decode(model, job["prompt"], job["new_tokens"], job["repeats"], job["device"])
+    return {**out, "library": f"llmcompressor {llmcompressor.__version__}",
+            "kernel": "transformers + compressed-tensors (decompressed to float)", "patches": []}

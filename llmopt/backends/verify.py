@@ -108,6 +108,9 @@ def _installed(loader: str, backend_python: str | None) -> str | None:
         if not torch.cuda.is_available():
             return "vLLM needs a CUDA GPU and none is visible"
         return None
+    if loader == "autoawq" and not torch.cuda.is_available():
+        return ("AutoAWQ's loader runs on CPU only through intel-extension-for-pytorch, which has no build for "
+                "this torch: verify AWQ checkpoints with gptqmodel here")
     from llmopt.backends import get_spec
 
     try:

@@ -49,12 +49,20 @@ def load_calibration(job: dict) -> list[list[int]]:
 
 def compat_model_dir(src: Path, dst: Path) -> Path:
     """A view of a transformers-5 checkpoint that transformers 4.x reads identically: config.json gains the
-    4.x keys (rope_theta, torch_dtype) that 5.x moved (rope_parameters, dtype); every other file is linked."""
+    4.x keys (rope_theta, torch_dtype) that 5.x moved (rope_parameters, dtype), tokenizer_config.json names
+    the fast tokenizer class 4.x knows instead of 5.x's TokenizersBackend; every other file is linked."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    rewritten = ("config.json", "tokenizer_config.json")
     for f in src.iterdir():
-        if f.name != "config.json" and f.is_file():
+        if f.name not in rewritten and f.is_file():
             (dst / f.name).symlink_to(f.resolve())
+    tok_path = src / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (dst / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
     cfg = json.loads((src / "config.json").read_text())
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict):

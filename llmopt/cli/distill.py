@@ -10,7 +10,8 @@ import typer
 
 from llmopt.cli.console import err
 from llmopt.cli.console import out as stdout
-from llmopt.cli.options import ChatTemplate, Device, Json, Out, Overwrite, Seed, SeqLen, Split, TextField, TrustRemoteCode
+from llmopt.cli.options import (ChatTemplate, Device, Json, Out, Overwrite, Seed, SeqLen, Split, TextField,
+                                TrustRemoteCode)
 
 _T = "Teacher & student"
 _D = "Data"
@@ -158,11 +159,13 @@ def _render(result) -> None:
             t.add_row(label, f"{m[key]:.2f}")
     stdout.print(t)
     s = result.student
-    line = (f"student: {s['kind']} ({s['num_layers']} layers, {s['params'] / 1e6:.2f}M params) · {result.steps} steps"
+    layers = f"{s['num_layers']} layer{'s' if s['num_layers'] != 1 else ''}"
+    line = (f"student: {s['kind']} ({layers}, {s['params'] / 1e6:.2f}M params) · {result.steps} steps"
             f" · {result.tokens:,} tokens · {result.tokens_per_s:,.0f} tok/s · {result.seconds:.1f}s")
     if result.resumed_from:
         line += f" · resumed from step {result.resumed_from}"
     stdout.print(line)
     if "scratch_gap_closed" in m:
-        stdout.print(f"distillation closes {100 * m['scratch_gap_closed']:.0f}% of the scratch→teacher perplexity gap")
+        stdout.print(f"distillation closes {100 * m['scratch_gap_closed']:.0f}% of the scratch→teacher "
+                     f"perplexity gap")
     stdout.print(f"loss curve: {result.files.get('curve_csv')}, {result.files.get('curve_png')}")

@@ -61,6 +61,7 @@ def evaluate(
 ) -> None:
     """Evaluate models: perplexity / KLD / top-1 / lm-eval tasks, and TTFT, TPOT, ITL, throughput, memory, cost."""
     import torch
+    from rich.console import Console
 
     from llmopt.cli.console import err, out
     from llmopt.evaluate.api import EvalArgs, evaluate as run_eval
@@ -81,8 +82,8 @@ def evaluate(
     err.print(f"threads: {torch.get_num_threads()}  engine: {engine}")
     result = run_eval(args, progress=True)
     d = finite(result.to_dict())
-    # A file or pipe gets the whole table; a terminal gets it fitted to its width.
-    out.print(table(d), width=None if out.is_terminal else 240)
+    # A terminal gets the table fitted to its width; a file or pipe gets it whole.
+    (out if out.is_terminal else Console(width=240, highlight=False)).print(table(d))
     for r in d["results"]:
         m, spec = r["memory"], r.get("speculative")
         if m.get("kv_bytes_allocated") is not None:

@@ -33,7 +33,7 @@ def run(
         hashes = step_hashes(plan)
         report.render_plan(plan, {s.name: done_record(s, hashes[s.name]) is not None for s in plan.steps}, out)
         return
-    result = run_recipe(plan, log=lambda line: err.print(line, highlight=False, markup=False))
+    result = run_recipe(plan, log=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
     paths = report.write_report(result)
     report.render(result, out, paths)
     if not result.passed:

@@ -253,7 +253,7 @@ def distill(args: DistillArgs, progress: StatusFn | None = None) -> DistillResul
                 metrics["scratch_gap_closed"] = (metrics["scratch_ppl"] - metrics["student_ppl"]) / gap
 
     result = DistillResult(args.out, metrics, student.describe(), args.steps, outcome.tokens,
-                           time.perf_counter() - t_start, outcome.tokens / max(outcome.seconds, 1e-9),
+                           time.perf_counter() - t_start, outcome.tokens_per_s,
                            outcome.resumed_from)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

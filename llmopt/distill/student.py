@@ -54,7 +54,7 @@ def layer_indices(n_teacher: int, n_student: int) -> list[int]:
 
 
 def decoder_layers_name(model) -> str:
-    """Dotted name of the ModuleList holding the decoder layers (model.layers for Llama/Qwen/Mistral, transformer.h for GPT-2)."""
+    """Dotted name of the ModuleList of decoder layers (model.layers: Llama/Qwen/Mistral; transformer.h: GPT-2)."""
     n = num_layers(model)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layers", "h"):

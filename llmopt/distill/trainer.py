@@ -100,6 +100,7 @@ class TrainOutcome:
     curve: list[StepLog] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    tokens_per_s: float = 0.0
     resumed_from: int = 0
 
 
@@ -382,8 +383,9 @@ def train(accelerator, student: torch.nn.Module, teacher, windows: torch.Tensor,
                 save_checkpoint(checkpoint_root, step + 1, accelerator.unwrap_model(module), optimizer, scheduler,
                                 s, outcome.curve, (step + 1) * s.grad_accum)
             accelerator.wait_for_everyone()
-    outcome.tokens = done * tokens_per_step
+    outcome.tokens = s.steps * tokens_per_step  # seen by the final student, across a resume
     outcome.seconds = time.perf_counter() - t0
+    outcome.tokens_per_s = done * tokens_per_step / max(outcome.seconds, 1e-9)  # this invocation's speed
     trained = accelerator.unwrap_model(module).student
     trained.eval()
     return trained, outcome

@@ -133,10 +133,10 @@ class LLMEngine:
         if self.speculator is not None:
             return self.speculator.step(step.work)
         logits = self.runner.forward(step.work)  # [len(work), V]
-        t = self.now()
         done_rows = [i for i, (seq, n) in enumerate(step.work) if n == seq.pending]
         seqs = [step.work[i][0] for i in done_rows]
         tokens = sample_rows(logits[done_rows], [s.params for s in seqs], [s.generator for s in seqs])
+        t = self.now()  # after sampling: its .tolist() waits for the device, so t is when the tokens exist
         for seq, n in step.work:
             seq.num_computed += n
         return self.append_tokens(seqs, [[tok] for tok in tokens], t)

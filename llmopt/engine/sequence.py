@@ -47,11 +47,6 @@ class Sequence:
         return len(self.prompt) + len(self.output)
 
     @property
-    def max_len(self) -> int:
-        """Tokens whose KV this request can ever hold (the last sampled token is never fed back)."""
-        return len(self.prompt) + self.params.max_tokens - 1
-
-    @property
     def pending(self) -> int:
         """Tokens still to feed before the next sample: the whole prompt (or prompt + output after a
         preemption), what is left of a chunked prefill, or 1 (the newest token) when decoding."""

@@ -54,6 +54,8 @@ def accept(target_probs: torch.Tensor, draft_probs: torch.Tensor | None, proposa
         while j < len(proposals) and proposals[j] == best[j]:
             j += 1
         return proposals[:j] + [best[j]]
+    # The requests' generators live on the CPU: sample there (and in float64, so tiny ratios stay exact).
+    target_probs, draft_probs = target_probs.double().cpu(), draft_probs.double().cpu()
     out: list[int] = []
     for i, d in enumerate(proposals):
         p, q = target_probs[i], draft_probs[i]
@@ -145,7 +147,6 @@ class Speculator:
         keep = [1 + spec.get(seq.id, 0) for seq, _ in work]
         target_work = [(seq, n + spec.get(seq.id, 0)) for seq, n in work]
         logits = self.engine.runner.forward(target_work, keep)  # [sum(keep), V]
-        t = self.engine.now()
         seqs, news = [], []
         row = 0
         for (seq, n), kp in zip(work, keep):
@@ -174,6 +175,7 @@ class Speculator:
             self.blocks.truncate(mirror, mirror.num_computed)
             seqs.append(seq)
             news.append(new)
+        t = self.engine.now()  # after acceptance, whose .tolist() calls wait for the device
         return self.engine.append_tokens(seqs, news, t)
 
 

@@ -63,7 +63,7 @@ class EvalArgs:
 
     def __post_init__(self) -> None:
         from llmopt.engine.sampling import SamplingParams
-        from llmopt.evaluate.workload import WorkloadSpec, parse_range
+        from llmopt.evaluate.workload import parse_range
 
         if isinstance(self.model, str):
             object.__setattr__(self, "model", [self.model])
@@ -136,23 +136,22 @@ def evaluate(args: EvalArgs, progress: ProgressArg = False) -> EvalResult:
     from llmopt.evaluate.report import write_reports
     from llmopt.evaluate.runner import EvalRunner
 
-    if args.engine == "vllm":
-        try:
-            from llmopt.evaluate import vllm_engine  # noqa: F401  (added with the vLLM backend)
-        except ImportError:
-            raise LlmoptError("--engine vllm is not available in this build: use --engine llmopt or hf") from None
     for path in (args.json, args.csv, args.plot):
-        if path is not None:
+        if path is not None:  # an unwritable report path must fail before the long part, not after
             from llmopt.utils import check_out_dir
 
-            check_out_dir(Path(path).parent / ".probe", True)
+            check_out_dir(Path(path), overwrite=True)
+    threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    with make_progress(progress) as bar:
-        runner = EvalRunner(args, bar)
-        runner.preflight()
-        reports = runner.run_all()
-    result = EvalResult(reports, _config(args), args.baseline)
+    try:
+        with make_progress(progress) as bar:
+            runner = EvalRunner(args, bar)
+            runner.preflight()
+            reports = runner.run_all()
+        result = EvalResult(reports, _config(args), args.baseline)
+    finally:
+        torch.set_num_threads(threads_before)
     write_reports(result, args.json, args.csv, args.plot)
     return result
 

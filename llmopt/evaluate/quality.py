@@ -69,7 +69,7 @@ def sliding_windows(stream: torch.Tensor, seq_len: int, stride: int) -> SlidingW
     scored[0] = True
     for i in range(1, len(starts)):
         first_new = starts[i - 1] + seq_len - starts[i]  # window index of the first token not yet scored
-        scored[i, first_new - 1:] = True
+        scored[i, max(first_new - 1, 0):] = True  # prediction j is of token j+1; token 0 has no context
     return SlidingWindows(windows, scored)
 
 

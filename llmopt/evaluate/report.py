@@ -59,7 +59,7 @@ def table(result: dict) -> Table:
         ppl = q.get("perplexity")
         dppl = (f"{(ppl / base_ppl - 1) * 100:+.2f}%" if ppl is not None and base_ppl else "—")
         t.add_row(r["model"], r["method"], _bytes(m.get("weight_bytes")), _fmt(ppl), dppl,
-                  _fmt(q.get("kld_mean"), 4), _fmt(q.get("top1_agreement"), 3), _three(p.get("ttft_ms")),
+                  "—" if q.get("kld_mean") is None else f"{q['kld_mean']:.3g}", _fmt(q.get("top1_agreement"), 3), _three(p.get("ttft_ms")),
                   _three(p.get("tpot_ms")), _fmt(p.get("output_tokens_per_s"), 1), _fmt(p.get("requests_per_s"), 2),
                   _bytes(m.get("kv_bytes_allocated") if m.get("kv_bytes_allocated") is not None
                          else m.get("kv_bytes_formula")),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict
 
 import torch
 
@@ -87,6 +85,10 @@ class EvalRunner:
                 if toks[name].get_vocab() != toks[a.draft].get_vocab():
                     raise LlmoptError(f"the draft {a.draft} has a different tokenizer than {name}: a speculative "
                                       f"draft must share the target's tokenizer")
+        if a.engine == "vllm" and not a.quality_only:
+            from llmopt.evaluate.vllm_engine import check_available
+
+            check_available()
         spec = a.workload_spec()
         for name in self.names:
             ctx = _max_context(configs[name])
@@ -161,8 +163,13 @@ class EvalRunner:
             run = lambda reqs, adv: run_hf(loaded.model, reqs, sampling, loaded.tokenizer.pad_token_id, adv)  # noqa: E731
         elif a.engine == "vllm":
             from llmopt.evaluate import vllm_engine
+            from llmopt.utils import dtype_name
 
-            run = lambda reqs, adv: vllm_engine.run(loaded, reqs, sampling, a, adv)  # noqa: E731
+            # perf is this model's last phase: give vLLM the GPU memory the HF copy holds
+            loaded.model.to("cpu")
+            torch.cuda.empty_cache()
+            llm = vllm_engine.load_engine(str(loaded.path), dtype=dtype_name(loaded.dtype), seed=a.seed)
+            run = lambda reqs, adv: vllm_engine.run_vllm(llm, reqs, sampling, adv)  # noqa: E731
         else:
             config = EngineConfig(parse_kv_budget(a.kv_budget, loaded.device), a.block_size, a.max_prefill_tokens,
                                   a.max_num_seqs, max_blocks=sum(blocks_for(len(r.prompt) + r.max_tokens, a.block_size)

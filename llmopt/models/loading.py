@@ -150,6 +150,9 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
     config = load_config(path, spec.trust_remote_code)
     _check_safetensors(path)
     tokenizer = load_tokenizer(path, spec.trust_remote_code)
+    legacy = path / "quantize_config.json"  # old AutoGPTQ checkpoints keep their settings only there
+    if getattr(config, "quantization_config", None) is None and legacy.exists():
+        config.quantization_config = {"quant_method": "gptq", **json.loads(legacy.read_text())}
     if getattr(config, "quantization_config", None) is not None:
         from llmopt.runtime import load_quantized_model
 

@@ -219,7 +219,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         return run_backend(args)
 
     from llmopt.calibration import DataSpec, load_token_batch
-    from llmopt.models import ModelSpec, load_model, resolve_path
+    from llmopt.models import ModelSpec, load_model
     from llmopt.quant import formats
     from llmopt.quant.pipeline import check_finite_weights, quantize_model
     from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, resolve_dtype, write_json

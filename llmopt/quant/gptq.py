@@ -9,6 +9,8 @@ the matrix is updated once per block (lazy batch updates), so the Python loop on
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmopt.errors import LlmoptError
@@ -82,7 +84,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> Quantize
     U = _inverse_hessian_cholesky(H, args.damp)  # [in, in] upper
     del H
 
-    Q = torch.empty_like(W, dtype=torch.uint8)  # codes, permuted order
     n_groups = n_in // gs
     scales = torch.empty(out, n_groups, device=W.device)
     zeros = torch.empty(out, n_groups, device=W.device)
@@ -95,31 +96,42 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> Quantize
     col_group_list = col_group.tolist()
 
     bs = args.block_size
+    # two-level lazy updates: rank-1 updates only inside a sub-block of `sub` columns, the rest of the
+    # block updated by one matmul per sub-block, the rest of the matrix by one matmul per block. Group
+    # starts must fall on sub-block starts so group parameters see fully updated columns.
+    sub = math.gcd(math.gcd(16, bs), gs if static_scale is None else 16)
+    Qt = torch.empty(n_in, out, dtype=torch.uint8, device=W.device)  # codes, permuted order, column-major
     for i1 in range(0, n_in, bs):
         i2 = min(i1 + bs, n_in)
-        W1 = W[:, i1:i2].clone()  # [out, b]
-        E1 = torch.empty_like(W1)  # [out, b] scaled errors
+        W1 = W[:, i1:i2].t().contiguous()  # [b, out]: a column is a contiguous row
+        E1 = torch.empty_like(W1)  # [b, out] scaled errors
         U1 = U[i1:i2, i1:i2]  # [b, b]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = col_group_list[col]
-            if static_scale is None and col % gs == 0:
-                # group params from the fully updated weights of this group's columns; columns past the
-                # block still owe this block's lazy update, applied here to the slice that is read
-                cols = W1[:, i:i + gs]  # [out, ≤gs]
-                if col + gs > i2:
-                    rest = W[:, i2:col + gs] - E1[:, :i] @ U[i1:i1 + i, i2:col + gs]
-                    cols = torch.cat([cols, rest], dim=1)  # [out, gs]
-                s, z = params_from_range(cols.amin(1), cols.amax(1), args.bits, args.sym)
-                scales[:, g], zeros[:, g] = s, z
-            s, z = scales[:, g], zeros[:, g]  # [out]
-            wcol = W1[:, i]
-            q = torch.clamp(torch.round(wcol / s) + z, 0, maxq)
-            Q[:, col] = q.to(torch.uint8)
-            err = (wcol - (q - z) * s) / U1[i, i]  # [out]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # rank-1 update of the block's remaining columns
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                g = col_group_list[col]
+                if static_scale is None and col % gs == 0:
+                    # group params from the fully updated columns of this group; columns past the block
+                    # still owe this block's lazy update, applied here to the slice that is read
+                    cols = W1[i:i + gs].t()  # [out, ≤gs]
+                    if col + gs > i2:
+                        rest = W[:, i2:col + gs] - E1[:i].t() @ U[i1:i1 + i, i2:col + gs]
+                        cols = torch.cat([cols, rest], dim=1)  # [out, gs]
+                    s, z = params_from_range(cols.amin(1), cols.amax(1), args.bits, args.sym)
+                    scales[:, g], zeros[:, g] = s, z
+                    s_g, z_g = scales[:, g].contiguous(), zeros[:, g].contiguous()
+                elif i == 0 or col_group_list[col - 1] != g:
+                    s_g, z_g = scales[:, g].contiguous(), zeros[:, g].contiguous()  # [out]
+                wcol = W1[i]
+                q = torch.clamp(torch.round(wcol / s_g) + z_g, 0, maxq)
+                Qt[col] = q.to(torch.uint8)
+                err = (wcol - (q - z_g) * s_g) / U1[i, i]  # [out]
+                W1[i:j2].addr_(U1[i, i:j2], err, alpha=-1)  # rank-1 update inside the sub-block
+                E1[i] = err
+            W1[j2:] -= U1[j1:j2, j2:].t() @ E1[j1:j2]  # [b - j2, out]
+        W[:, i2:] -= E1.t() @ U[i1:i2, i2:]
+    Q = Qt.t()
 
     g_idx = None
     if perm is not None:
@@ -127,5 +139,5 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> Quantize
         Q = Q[:, inv]
         if static_scale is None:
             g_idx = col_group[inv].to(torch.int32)  # [in] group of each original column
-    return QuantizedWeight(qweight=Q, scales=scales, zeros=zeros.round().to(torch.int32), g_idx=g_idx,
+    return QuantizedWeight(qweight=Q.contiguous(), scales=scales, zeros=zeros.round().to(torch.int32), g_idx=g_idx,
                            bits=args.bits, group_size=args.group_size, sym=args.sym)

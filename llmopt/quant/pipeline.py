@@ -210,11 +210,11 @@ class LayerQuantizer:
                 fold_scales(layer, group, s)
                 for n in group.linears:
                     in_scale[n] = s
-        out: dict[str, QuantizedWeight] = {}
+        out = self._gptq_shared(linears, owner, stats) if self.method == "gptq" else {}
         for name, lin in linears.items():
             w = lin.weight.detach().float()  # [out, in]
-            if self.method == "gptq":
-                qw = gptq_quantize(w, stats[owner[name]].hessian(), self.qargs)
+            if name in out:
+                qw = out[name]
             elif self.method == "awq":
                 gram = stats[owner[name]].gram_blocks()  # [G, gs, gs] of the unscaled input
                 if name in in_scale:  # the Linear now reads x / s
@@ -227,8 +227,35 @@ class LayerQuantizer:
                 qw = rtn_quantize(w, self.qargs)
             qw.bias = None if lin.bias is None else lin.bias.detach().clone()
             lin.weight.copy_(qw.dequantize(lin.weight.dtype))
-            out[name] = qw
+            out[name] = _to_cpu(qw)  # codes wait for the writer in host memory, not on the device
         return out, detail
+
+    def _gptq_shared(self, linears: dict[str, nn.Module], owner: dict[str, str], stats: dict[str, object]
+                     ) -> dict[str, QuantizedWeight]:
+        """GPTQ of Linears sharing an input as ONE stacked matrix: rows are independent given H, so stacking
+        q/k/v (gate/up) gives the same codes with one factorisation and one column loop instead of three."""
+        out: dict[str, QuantizedWeight] = {}
+        for own in dict.fromkeys(owner.values()):
+            names = [n for n in linears if owner[n] == own]
+            w = torch.cat([linears[n].weight.detach().float() for n in names])  # [Σout, in]
+            qw = gptq_quantize(w, stats[own].hessian(), self.qargs)
+            start = 0
+            for n in names:
+                rows = slice(start, start + linears[n].out_features)
+                start = rows.stop
+                out[n] = QuantizedWeight(qw.qweight[rows].clone(), qw.scales[rows].clone(), qw.zeros[rows].clone(),
+                                         None if qw.g_idx is None else qw.g_idx.clone(), qw.bits, qw.group_size,
+                                         qw.sym)
+        return out
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    if qw.qweight.device.type == "cpu":
+        return qw
+    def cpu(t):
+        return None if t is None else t.cpu()
+    return QuantizedWeight(qw.qweight.cpu(), qw.scales.cpu(), qw.zeros.cpu(), cpu(qw.g_idx), qw.bits, qw.group_size,
+                           qw.sym, cpu(qw.bias), qw.act_bits)
 
 
 def _rtn_reference(linears: dict[str, nn.Module], qargs: QuantArgs) -> dict[str, torch.Tensor]:
@@ -299,7 +326,7 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
             _restore(linears, saved)
 
         qw, detail = lq.quantize_layer(layer, linears, owner, stats, is_decoder_layer=True)
-        del stats
+        stats.clear()  # free Hessians before the next layer
         qweights.update({lp + nm: w for nm, w in qw.items()})
 
         meter = _ErrorMeter()
@@ -310,8 +337,9 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
                 meter.add(y, float_out[b])
             batches[b] = (y, batches[b][1])
 
+        last = i == len(layers) - 1 and not quant_head  # nothing reads its outputs but the check
         with act_quant_hooks(linears) if lq.act_bits else contextlib.nullcontext():
-            run(advance)
+            run(advance, n_check if last else None)
         if method == "rtn":
             rtn_meter = meter
         if device.type != "cpu":

@@ -9,9 +9,10 @@ A gate is one comparison, written as a string in the recipe's `gates:` list:
       - spec.output_tokens_per_s >= float * 1.5
       - student.tasks.cloze >= 0.9 * float.tasks.cloze  # lm-eval / builtin task scores
 
-NAME is the name of an evaluated model: the key of an eval step's `models:` mapping, or the step name for an
-entry written `${steps.NAME.out}` in a `models:` list (an eval step's baseline, when not one of its models,
-is named `baseline`). METRIC is a flat name from the eval report (see `METRICS`): quality (`perplexity`,
+NAME is the name of an evaluated model: its key in an eval step's `model:` mapping
+(`model: {float: builtin:tiny, gptq4: "${steps.gptq4.out}"}`), or the step name for an entry written
+`${steps.NAME.out}` in a `model:` list (an eval step's baseline, when not one of its models, is named
+`baseline`). Names are unique across eval steps. METRIC is a flat name from the eval report (see `METRICS`): quality (`perplexity`,
 `kld_mean`, `kld_p99`, `top1_agreement`, `tasks.TASK`), speed (`output_tokens_per_s`, `total_tokens_per_s`,
 `requests_per_s`, `cost_per_1k_output_tokens`, `duration_s`, `ttft|tpot|itl|e2el` + `_mean|_p50|_p95|_p99`
 + `_ms`), memory (`weight_bytes`, `kv_bytes_allocated`, `kv_bytes_formula`, `kv_waste_bytes`, `kv_pool_bytes`,

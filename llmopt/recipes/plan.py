@@ -10,8 +10,8 @@ A recipe (YAML):
       gptq4: {kind: quantize, model: "${vars.base}", method: gptq, bits: 4}
       compare:
         kind: eval
-        baseline: float              # a key of models:, or a model
-        models: {float: "${vars.base}", gptq4: "${steps.gptq4.out}"}
+        baseline: float              # a key of model:, or a model
+        model: {float: "${vars.base}", gptq4: "${steps.gptq4.out}"}   # NAME: model; gates use the names
     gates:
       - gptq4.kld_mean < 0.02        # see llmopt.recipes.gates
 
@@ -225,7 +225,7 @@ def _managed_values(kind: StepKind, step_dir: Path) -> dict[str, Any]:
 
 
 def _name_models(ctx: _Context, path: KeyPath, kind: StepKind, raw: dict) -> tuple[dict, dict[str, str]]:
-    """Eval steps: models as {NAME: model} or a list (entries ${steps.X.out} are named X); baseline by NAME."""
+    """Eval steps: the models as {NAME: model} or a list (entries ${steps.X.out} are named X); baseline by NAME."""
     src, field_name = ctx.src, kind.models_field
     models = raw.get(field_name)
     names: dict[str, str] = {}  # raw model string → name

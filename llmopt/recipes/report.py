@@ -54,7 +54,7 @@ def write_report(report: RunReport) -> dict[str, Path]:
     table = rows(report)
     write_json(paths["json"], to_dict(report, table))
     png = out / REPORT_PNG
-    if plot(table, png):
+    if plot(table, png, report.recipe):
         paths["png"] = png
     else:
         png.unlink(missing_ok=True)
@@ -192,7 +192,7 @@ def render_plan(recipe: Recipe, done: dict[str, bool], console: Console) -> None
         console.print(f"gate: {pg.gate.text}   ({pg.where})", markup=False)
 
 
-def plot(table: list[dict], path: Path) -> bool:
+def plot(table: list[dict], path: Path, title: str = "") -> bool:
     """Quality (KLD if measured, else perplexity) against output tokens/s, the Pareto front marked."""
     quality = "kld_mean" if sum(r.get("kld_mean") is not None for r in table) >= 2 else "perplexity"
     points = [(float(r["output_tokens_per_s"]), float(r[quality]), str(r["name"])) for r in table
@@ -208,7 +208,8 @@ def plot(table: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=2)
     fx = sorted((points[i][0], points[i][1]) for i in front)
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], color="tab:red", linestyle="--", label="Pareto front", zorder=1)
+    ax.plot([p[0] for p in fx], [p[1] for p in fx], color="tab:red", linestyle="--", marker="o", label="Pareto front",
+            zorder=3)
     for x, y, name in points:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if quality == "kld_mean" and all(y > 0 for _, y, _ in points):
@@ -218,6 +219,7 @@ def plot(table: list[dict], path: Path) -> bool:
     ax.set_xlabel("output tokens/s (higher is better)")
     ax.set_ylabel(("mean KL-divergence vs baseline" if quality == "kld_mean" else "perplexity") + " (lower is better)")
     ax.grid(True, alpha=0.3)
+    ax.set_title(f"{title}: quality against throughput" if title else "quality against throughput")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -111,6 +111,8 @@ def _run_steps(recipe: Recipe, hashes: dict[str, str], log: Callable[[str], None
                progress: bool) -> dict[str, StepRecord]:
     records: dict[str, StepRecord] = {}
     n = len(recipe.steps)
+    log(f"recipe {recipe.name}: {n} steps → {recipe.outputs} (finished steps with unchanged config and inputs "
+        "are skipped; delete a step's folder to redo it)")
     for i, step in enumerate(recipe.steps, 1):
         saved = done_record(step, hashes[step.name])
         if saved is not None:

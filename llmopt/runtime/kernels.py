@@ -10,7 +10,6 @@ import torch
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm accepts
 INT4PACK_CPU_INNER_K_TILES = 1  # CPU kernel ignores the tiling argument but requires it
-INT4PACK_CUDA_INNER_K_TILES = 8
 
 
 def on_cuda(t: torch.Tensor) -> bool:
@@ -19,14 +18,25 @@ def on_cuda(t: torch.Tensor) -> bool:
 
 # ---- int4 (weight-only, group-wise) ----------------------------------------------------------------
 
+def int4pack_group_size(n_in: int, group_size: int) -> int:
+    """The kernel group size for these groups: a supported size dividing them (a group of 512 runs as two
+    groups of 256 sharing one scale), or 0 when there is none."""
+    gs = n_in if group_size == -1 else group_size
+    return next((g for g in reversed(INT4PACK_GROUP_SIZES) if gs % g == 0), 0)
+
+
 def int4pack_supported(n_out: int, n_in: int, group_size: int, device: torch.device) -> bool:
     """Whether _weight_int4pack_mm can run this shape (the dequant path always can)."""
-    gs = n_in if group_size == -1 else group_size
-    if gs not in INT4PACK_GROUP_SIZES or n_in % gs:
+    if not int4pack_group_size(n_in, group_size):
         return False
     if device.type == "cuda":
-        return n_out % 8 == 0 and n_in % (INT4PACK_CUDA_INNER_K_TILES * 16) == 0
+        return n_out % 8 == 0 and _cuda_inner_k_tiles(n_in) > 0
     return n_out % 16 == 0 and n_in % 2 == 0
+
+
+def _cuda_inner_k_tiles(n_in: int) -> int:
+    """Largest tiling the CUDA kernel accepts for K (K must divide into tiles·16 columns); 0 if none."""
+    return next((t for t in (8, 4, 2) if n_in % (t * 16) == 0), 0)
 
 
 def int4pack_weight(q: torch.Tensor) -> torch.Tensor:
@@ -34,7 +44,7 @@ def int4pack_weight(q: torch.Tensor) -> torch.Tensor:
     if on_cuda(q):
         # CUDA takes [N, K/2] uint8 with the even column in the high nibble
         packed = ((q[:, 0::2].to(torch.uint8) << 4) | q[:, 1::2].to(torch.uint8)).contiguous()
-        return torch.ops.aten._convert_weight_to_int4pack(packed, INT4PACK_CUDA_INNER_K_TILES)
+        return torch.ops.aten._convert_weight_to_int4pack(packed, _cuda_inner_k_tiles(q.shape[1]))
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(),
                                                              INT4PACK_CPU_INNER_K_TILES)
 
@@ -51,7 +61,8 @@ def int4pack_scales_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Te
 
 def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor) -> torch.Tensor:
     """[M, K] → [M, N]; activations go in as bf16 (fp32 inputs make these kernels 2-80× slower)."""
-    xb = x.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16).contiguous()
+    sz = sz.to(torch.bfloat16)  # no-op unless model.to(dtype) cast the table
     if on_cuda(x):
         return torch.ops.aten._weight_int4pack_mm(xb, packed, group_size, sz).float()
     return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, sz).float()
@@ -108,7 +119,8 @@ def dequant_codes(q: torch.Tensor, scales: torch.Tensor, zero_scale: torch.Tenso
 
 def int8pack_mm(x: torch.Tensor, w_s8: torch.Tensor, scales_bf16: torch.Tensor) -> torch.Tensor:
     """[M, K] bf16-cast activations × [N, K] int8 per-channel weights (CPU kernel)."""
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w_s8, scales_bf16).float()
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), w_s8,
+                                              scales_bf16.to(torch.bfloat16)).float()
 
 
 # ---- W8A8: dynamic per-token int8 activations ------------------------------------------------------

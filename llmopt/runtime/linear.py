@@ -105,6 +105,8 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # [M, K]
+        if x2d.shape[0] == 0:
+            return x.new_empty(*lead, self.out_features)
         if self.perm is not None:  # act-order: weights were permuted at load time, inputs follow
             x2d = x2d.index_select(1, self.perm)
         name = self.select(x2d)
@@ -159,7 +161,10 @@ class Int4Linear(QuantLinear):
         self.has_int4pack = K.int4pack_supported(self.out_features, self.in_features, qw.group_size, device)
         if self.has_int4pack:
             self.register_buffer("packed", K.int4pack_weight(q))
-            self.register_buffer("scale_zeros", K.int4pack_scales_zeros(scales, zeros))  # [G, N, 2] bf16
+            self.kernel_gs = K.int4pack_group_size(self.in_features, qw.group_size)
+            split = self.gs // self.kernel_gs  # kernel groups per quantization group, sharing its scale
+            self.register_buffer("scale_zeros", K.int4pack_scales_zeros(
+                scales.repeat_interleave(split, dim=1), zeros.repeat_interleave(split, dim=1)))  # [G', N, 2] bf16
         if not (self.has_int4pack and device.type == "cpu" and K.int4pack_cpu_layout_ok()):
             self.nibbles = pack_nibbles(q)  # [N, K/2]
 
@@ -179,7 +184,7 @@ class Int4Linear(QuantLinear):
                                                                  self._dequant(torch.bfloat16)).float(),
         }
         if self.has_int4pack:
-            table["int4pack"] = lambda x: K.int4pack_mm(x, self.packed, self.gs, self.scale_zeros)
+            table["int4pack"] = lambda x: K.int4pack_mm(x, self.packed, self.kernel_gs, self.scale_zeros)
         return table
 
 

@@ -12,16 +12,17 @@ from llmopt.cli.main import app
 runner = CliRunner()
 
 
-def _base(teacher, out):
-    return ["distill", "--teacher", str(teacher), "--out", str(out), "--steps", "4", "--seq-len", "32",
-            "--batch-size", "4", "--eval-samples", "2", "--device", "cpu"]
+def _base(teacher, out, data):
+    return ["distill", "--teacher", str(teacher), "--out", str(out), "--data", str(data), "--steps", "4",
+            "--seq-len", "32", "--batch-size", "4", "--eval-samples", "2", "--device", "cpu"]
 
 
-def test_cli_end_to_end(tiny_model_dir, tmp_path):
+def test_cli_end_to_end(tiny_model_dir, distill_text, tmp_path):
     from llmopt.models import ModelSpec, load_model
 
     out = tmp_path / "student"
-    res = runner.invoke(app, _base(tiny_model_dir, out) + ["--student-layers", "1", "--loss", "jsd", "--json"])
+    res = runner.invoke(app, _base(tiny_model_dir, out, distill_text)
+                        + ["--student-layers", "1", "--loss", "jsd", "--json"])
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
     assert payload["metrics"]["student_ppl"] > 1 and payload["steps"] == 4
@@ -34,7 +35,7 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     assert loaded.config.num_hidden_layers == 1
     assert loaded.tokenizer.get_vocab() == teacher.tokenizer.get_vocab()
     # The table view renders too.
-    res = runner.invoke(app, _base(tiny_model_dir, out) + ["--student-layers", "1", "--overwrite"])
+    res = runner.invoke(app, _base(tiny_model_dir, out, distill_text) + ["--student-layers", "1", "--overwrite"])
     assert res.exit_code == 0 and "student after KD" in res.stdout
 
 
@@ -57,7 +58,7 @@ def _bad_inputs(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("case", ["vocab", "layers_too_many", "layers_zero", "empty_data", "corrupt_resume",
                                   "out_exists"])
-def test_bad_input_is_one_line_exit_2_no_output(tiny_model_dir, tmp_path, case):
+def test_bad_input_is_one_line_exit_2_no_output(tiny_model_dir, distill_text, tmp_path, case):
     if case == "out_exists":
         out = tmp_path / "exists"
         out.mkdir()
@@ -67,7 +68,7 @@ def test_bad_input_is_one_line_exit_2_no_output(tiny_model_dir, tmp_path, case):
         out = tmp_path / "out"
         extra, match = _bad_inputs(tiny_model_dir, tmp_path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
-    res = runner.invoke(app, _base(tiny_model_dir, out) + extra)
+    res = runner.invoke(app, _base(tiny_model_dir, out, distill_text) + extra)
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error:") and match in lines[-1], res.stderr

@@ -1,7 +1,7 @@
 import json
 
 from llmopt.evaluate.api import EvalResult, ModelReport
-from llmopt.evaluate.report import finite, pareto_front, plot_png, table, to_csv, write_reports
+from llmopt.evaluate.report import finite, pareto_front, table, write_reports
 
 
 def _report(name, ppl, kld, tps):

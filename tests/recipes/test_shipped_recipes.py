@@ -59,3 +59,18 @@ def test_ci_recipe_has_strict_quality_gates():
     texts = [pg.gate.text for pg in recipe.gates]
     assert "gptq4.kld_mean <= rtn4.kld_mean * 0.5" in texts
     assert any(t.startswith("int8.perplexity <=") for t in texts)
+
+
+def test_the_documented_example_recipe_is_valid(tmp_path):
+    import textwrap
+
+    from llmopt.recipes import plan
+
+    doc = plan.__doc__
+    example = textwrap.dedent(doc[doc.index("A recipe (YAML):") + len("A recipe (YAML):"):doc.index("A step's options")])
+    path = tmp_path / "example.yaml"
+    path.write_text(example)
+    recipe = load_recipe(path)
+    assert [s.name for s in recipe.steps] == ["gptq4", "compare"]
+    assert recipe.step("compare").model_names == {"builtin:tiny": "float", str(recipe.step("gptq4").out): "gptq4"}
+    assert recipe.gates[0].gate.text == "gptq4.kld_mean < 0.02"

@@ -40,7 +40,7 @@ def _check(y: torch.Tensor, ref: torch.Tensor, kernel: str) -> None:
 @pytest.mark.parametrize("m", [1, 48])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("bits,gs,sym,act_order", [
-    (4, 32, True, False), (4, 64, False, False), (4, 32, True, True), (4, -1, False, False),
+    (4, 32, True, False), (4, 64, False, False), (4, 32, True, True), (4, -1, False, False), (4, 128, True, True),
     (8, -1, True, False), (8, -1, False, False), (8, 32, True, True), (3, 32, False, True), (2, 64, True, False),
 ])
 def test_weight_only_kernels_match_float64(m, with_bias, bits, gs, sym, act_order):
@@ -138,3 +138,23 @@ def test_uneven_g_idx_falls_back_to_dequant():
     assert module.kind == "dequant"
     x = torch.randn(3, K)
     _check(module(x), _reference(x, qw, None), "dequant")
+
+
+def test_empty_input_and_dtype_cast_survive():
+    module = build_linear(rtn(_weight(1), 4, 32, True), CPU, torch.float32)
+    assert module(torch.randn(0, K)).shape == (0, N)
+    module.to(torch.float32)  # model.float() casts the bf16 kernel tables; the kernel call casts them back
+    module.force_kernel = "int4pack"
+    assert module(torch.randn(2, K)).shape == (2, N)
+
+
+@pytest.mark.parametrize("gs", [-1, 512])
+def test_int4pack_splits_large_groups(gs):
+    """Groups larger than the kernel's 256 (per-channel rows, or 512) run as 256-column groups sharing a scale."""
+    torch.manual_seed(8)
+    qw = rtn(torch.randn(N, 1024) * 0.05, 4, gs, False)
+    module = build_linear(qw, CPU, torch.float32)
+    assert module.kernel_gs == 256
+    module.force_kernel = "int4pack"
+    x = torch.randn(2, 1024)
+    _check(module(x), _reference(x, qw, None), "int4pack")

@@ -63,6 +63,8 @@ def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, Quant
     if "lm_head" in qweights:  # a quantized head can no longer share the embedding's tensor
         config["tie_word_embeddings"] = False
     _io.write_json(out / "config.json", config)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
     if fmt == "gptq":  # AutoGPTQ-era loaders read the settings from this file
         _io.write_json(out / "quantize_config.json", qc)
 

@@ -119,9 +119,9 @@ def _quant_fields(name: str, group: dict) -> tuple[int, int, bool, int | None]:
         raise LlmoptError(f"{name}: compressed-tensors {w.get('type')} weights are not supported by llmopt "
                           f"(int weights only)")
     strategy = w.get("strategy") or ("group" if (w.get("group_size") or 0) > 0 else "channel")
-    if strategy not in ("group", "channel"):
+    if strategy not in ("group", "channel", "tensor"):
         raise LlmoptError(f"{name}: compressed-tensors weight strategy {strategy!r} is not supported "
-                          f"(group or channel)")
+                          f"(group, channel or tensor)")
     if w.get("actorder") in ("group", "dynamic"):
         raise LlmoptError(f"{name}: compressed-tensors act-order 'group' checkpoints are not supported")
     act = group.get("input_activations")
@@ -133,6 +133,11 @@ def _quant_fields(name: str, group: dict) -> tuple[int, int, bool, int | None]:
         act_bits = 8
     group_size = w["group_size"] if strategy == "group" else -1
     return int(w.get("num_bits", 8)), int(group_size), bool(w.get("symmetric", True)), act_bits
+
+
+def _per_row(scale: torch.Tensor, n_out: int) -> torch.Tensor:
+    """A per-tensor scale or zero point ([] or [1]) as the per-channel [out, 1] it equals; others unchanged."""
+    return scale.reshape(1, 1).expand(n_out, 1).clone() if scale.numel() == 1 and n_out > 1 else scale
 
 
 def read(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
@@ -147,7 +152,7 @@ def read(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedW
             raise LlmoptError(f"{name}: act-order g_idx checkpoints are not supported in compressed-tensors format")
         n_out, n_in = (int(v) for v in t["weight_shape"].tolist())
         q = unpack_bits(t["weight_packed"], bits, n_in, dim=1)  # [out, in]
-        scales = t["weight_scale"]  # [out, n_groups]
+        scales = _per_row(t["weight_scale"], n_out)  # [out, n_groups]
         zeros = unpack_bits(t["weight_zero_point"], bits, n_out, dim=0) if not sym \
             else torch.full(scales.shape, 1 << (bits - 1), dtype=torch.uint8)
         qweights[name] = QuantizedWeight(q, scales, zeros, None, bits, group_size, sym, act_bits=act_bits)
@@ -156,9 +161,9 @@ def read(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedW
     for name in int8:
         bits, group_size, sym, act_bits = _quant_fields(name, _scheme_for(name, qc))
         w = tensors.pop(f"{name}.weight").to(torch.int32)  # [out, in] signed
-        scales = tensors.pop(f"{name}.weight_scale")
+        scales = _per_row(tensors.pop(f"{name}.weight_scale"), w.shape[0])  # [out, n_groups]
         zp = tensors.pop(f"{name}.weight_zero_point", None)
-        zeros = (zp.to(torch.int32) + (1 << (bits - 1))) if zp is not None and not sym \
+        zeros = (_per_row(zp, w.shape[0]).to(torch.int32) + (1 << (bits - 1))) if zp is not None and not sym \
             else torch.full(scales.shape, 1 << (bits - 1), dtype=torch.int32)
         q = (w + (1 << (bits - 1))).to(torch.uint8)
         qweights[name] = QuantizedWeight(q, scales, zeros.to(torch.uint8), None, bits, group_size, sym,

@@ -58,7 +58,7 @@ def quantization_config(qweights: dict[str, QuantizedWeight], unquantized: list[
     skip = [n for n in unquantized if ".layers." in n]
     cfg = {"quant_method": QUANT_METHOD, "checkpoint_format": "gptq", "bits": first.bits,
            "group_size": first.group_size, "sym": first.sym, "desc_act": _desc_act(qweights),
-           "static_groups": bool(args.static_groups), "true_sequential": True, "damp_percent": args.damp,
+           "static_groups": bool(args.static_groups), "damp_percent": args.damp,
            "lm_head": "lm_head" in qweights, "pack_dtype": "int32",
            "meta": {"quantizer": [f"llmopt:{method}"]}}
     if skip:

@@ -138,3 +138,20 @@ def test_gptq_rejects_zero_point_zero(tmp_path):
     qws[name].zeros[0, 0] = 0
     with pytest.raises(LlmoptError, match="zero point of 0"):
         write_checkpoint("gptq", model, qws, tmp_path, QuantArgs(bits=4, group_size=32, sym=False), "gptq", [])
+
+
+def test_reads_per_tensor_int8_scales(tmp_path):
+    """compressed-tensors' `tensor` strategy (one scale per matrix) reads as the equivalent per-channel scales."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    qws = quantize_model(model, 8, -1, True, act_bits=8)
+    name = "model.layers.0.mlp.up_proj"
+    qws[name].scales[:] = qws[name].scales.max()  # a single scale, stored as a [1] tensor below
+    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=8, group_size=-1), "w8a8", [])
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"][:1, 0].clone()  # [1]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _, back, _ = read_checkpoint(tmp_path)
+    assert back[name].scales.shape == (model.get_submodule(name).out_features, 1)
+    assert torch.equal(back[name].dequantize(), qws[name].dequantize())
