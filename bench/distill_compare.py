@@ -34,7 +34,8 @@ def _run(name: str, kw: dict, threads: int) -> dict:
     t0 = time.perf_counter()
     res = distill(DistillArgs(**kw))
     row = {"run": name, **res.metrics, "seconds": time.perf_counter() - t0, "tokens_per_s": res.tokens_per_s}
-    print(f"  {name}: student ppl {res.metrics['student_ppl']:.2f} ({row['seconds']:.0f}s)", flush=True)
+    print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.metrics.items()) + f" ({row['seconds']:.0f}s)",
+          flush=True)
     return row
 
 

@@ -49,8 +49,9 @@ def build_qwen2(out: Path, steps: int = 150) -> Path:
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg)
-    recipe = replace(TinyRecipe(), name="qwen2-bench", seq_len=128, batch_size=8, steps=steps, warmup=10)
-    train_model(model, windows(token_stream(corpus.split_texts("train"), tok), recipe.seq_len), recipe)
+    if steps > 0:  # steps = 0: random weights (a quick second architecture; KLDs are then small)
+        recipe = replace(TinyRecipe(), name="qwen2-bench", seq_len=128, batch_size=8, steps=steps, warmup=10)
+        train_model(model, windows(token_stream(corpus.split_texts("train"), tok), recipe.seq_len), recipe)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.eval().save_pretrained(tmp, safe_serialization=True)
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--tiny", default="builtin:tiny", help="the Llama to use ")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llmopt-bench"))
     ap.add_argument("--only", default=None, help="comma-separated config labels to run")
+    ap.add_argument("--qwen2-steps", type=int, default=150, help="training steps of the Qwen2 (0: random)")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -79,7 +81,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     paths = {"tiny": resolve_path(ModelSpec(args.tiny))} if "tiny" in args.models else {}
     if "qwen2" in args.models:
-        paths["qwen2"] = build_qwen2(args.work / "qwen2-trained")
+        paths["qwen2"] = build_qwen2(args.work / f"qwen2-{args.qwen2_steps}steps", args.qwen2_steps)
     configs = [c for c in CONFIGS if args.only is None or c[0] in args.only.split(",")]
     results = []
     for mname in args.models.split(","):

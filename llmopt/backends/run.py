@@ -105,13 +105,20 @@ def run_backend(args, progress=True):
 
 
 def _declare_quantization(path: Path, fmt: str) -> None:
-    """AutoGPTQ keeps its settings only in quantize_config.json; transformers, vLLM and llmopt's loader find a
-    quantized checkpoint by config.json's quantization_config, so the same settings go there too."""
+    """AutoGPTQ keeps its settings only in quantize_config.json, with a legacy `is_marlin_format` flag that
+    GPTQModel ≥7 refuses; transformers, vLLM and llmopt find a quantized checkpoint by config.json's
+    quantization_config. So the settings go into config.json too, and the flag becomes the equivalent
+    `checkpoint_format` in both files."""
     cfg_path, legacy = path / "config.json", path / "quantize_config.json"
     config = json.loads(cfg_path.read_text())
-    if "quantization_config" not in config and legacy.is_file():
-        config["quantization_config"] = {"quant_method": fmt, **json.loads(legacy.read_text())}
-        cfg_path.write_text(json.dumps(config, indent=2) + "\n")
+    if legacy.is_file():
+        qc = json.loads(legacy.read_text())
+        if "is_marlin_format" in qc:
+            qc.setdefault("checkpoint_format", "marlin" if qc.pop("is_marlin_format") else "gptq")
+            legacy.write_text(json.dumps(qc, indent=2) + "\n")
+        if "quantization_config" not in config:
+            config["quantization_config"] = {"quant_method": fmt, **qc}
+            cfg_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _finish(args, spec: BackendSpec, interp: Interpreter, fmt: str, res: dict, tmp: Path, model_path: Path, calib,

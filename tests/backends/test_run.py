@@ -26,7 +26,8 @@ def test_library_checkpoint_lands_in_llmopt_layout(llmopt_checkpoints, tiny_mode
         config = json.loads((src / "config.json").read_text())
         qc = config.pop("quantization_config")
         (out / "config.json").write_text(json.dumps(config))
-        (out / "quantize_config.json").write_text(json.dumps({k: v for k, v in qc.items() if k != "quant_method"}))
+        legacy = {k: v for k, v in qc.items() if k not in ("quant_method", "checkpoint_format")}
+        (out / "quantize_config.json").write_text(json.dumps({**legacy, "is_marlin_format": False}))
         calib = json.loads(Path(job["calib"]).read_text())
         assert len(calib) == 4 and all(len(w) == 32 for w in calib)
         return WorkerRun({"library": "auto-gptq 0.7.1", "patches": ["p1", "p2"], "format": "gptq",
@@ -45,7 +46,8 @@ def test_library_checkpoint_lands_in_llmopt_layout(llmopt_checkpoints, tiny_mode
     assert meta["patched"] is True and meta["patches"] == ["p1", "p2"] and meta["format"] == "gptq"
     assert meta["timings"]["quantize"] == 1.5 and meta["timings"]["backend_process"] == 2.0
     assert meta["evaluated_with"] == "runtime" and meta["quantized_modules"] == 14
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq" and "is_marlin_format" not in qc
     assert (out / "tokenizer.json").exists()
     q = res.metrics["quantized"]
     assert 0 < q["kld_mean"] < 0.05 and q["top1_agreement"] > 0.9 and res.quant_args["patched"] is True

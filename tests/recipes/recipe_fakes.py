@@ -92,7 +92,8 @@ def fake_distill(args: FakeDistillArgs, progress=None) -> Result:
         if args.save_every and step % args.save_every == 0:
             ckpt = Path(args.checkpoint_dir) / f"step-{step:06d}"
             ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "state.json").write_text(json.dumps({"step": step}))
+            (ckpt / "state.tmp").write_text(json.dumps({"step": step}))
+            os.replace(ckpt / "state.tmp", ckpt / "state.json")  # atomic, like a real checkpoint
         if step == args.steps // 2 + 1:
             _maybe_slow(args.out)
     with atomic_dir(args.out, args.overwrite) as tmp:
