@@ -28,6 +28,7 @@ def evaluate(
     seed: opt.Seed = 0,
     engine: Annotated[str, typer.Option("--engine", help="llmopt (continuous batching, paged KV), hf (one "
                                         "request at a time through model.generate) or vllm.")] = "llmopt",
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel GPUs for --engine vllm.")] = 1,
     draft: Annotated[str | None, typer.Option("--draft", help="Draft model for speculative decoding.")] = None,
     spec_tokens: Annotated[int, typer.Option("--spec-tokens", help="Tokens the draft proposes per step.")] = 4,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
@@ -70,7 +71,7 @@ def evaluate(
     task_list = [t.strip() for item in (tasks or []) for t in item.split(",") if t.strip()] or None
     args = EvalArgs(model=list(model), baseline=baseline, data=data, split=split, text_field=text_field,
                     num_requests=num_requests, prompt_len=prompt_len, output_len=output_len, request_rate=request_rate,
-                    seed=seed, engine=engine, draft=draft, spec_tokens=spec_tokens, temperature=temperature,
+                    seed=seed, engine=engine, tp=tp, draft=draft, spec_tokens=spec_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p, kv_budget=kv_budget, block_size=block_size,
                     max_prefill_tokens=max_prefill_tokens, max_num_seqs=max_num_seqs, threads=threads,
                     repeats=repeats, warmup=warmup, seq_len=seq_len, stride=stride, quality_tokens=quality_tokens,

@@ -34,6 +34,7 @@ class EvalArgs:
     request_rate: float = math.inf
     seed: int = 0
     engine: str = "llmopt"
+    tp: int = 1  # tensor-parallel GPUs (--engine vllm)
     draft: str | None = None
     spec_tokens: int = 4
     temperature: float = 0.0
@@ -71,6 +72,8 @@ class EvalArgs:
             raise LlmoptError("no model given: llmopt eval MODEL [MODEL ...]")
         if self.engine not in ENGINES:
             raise LlmoptError(f"--engine must be one of {', '.join(ENGINES)} (got {self.engine!r})")
+        if self.tp < 1 or (self.tp > 1 and self.engine != "vllm"):
+            raise LlmoptError(f"--tp {self.tp}: tensor parallelism needs --engine vllm and a value >= 1")
         if self.quality_only and self.perf_only:
             raise LlmoptError("--quality-only and --perf-only switch off both halves: give at most one")
         if self.repeats < 1:

@@ -88,7 +88,7 @@ class EvalRunner:
         if a.engine == "vllm" and not a.quality_only:
             from llmopt.evaluate.vllm_engine import check_available
 
-            check_available()
+            check_available(a.tp)
         spec = a.workload_spec()
         for name in self.names:
             ctx = _max_context(configs[name])
@@ -168,7 +168,7 @@ class EvalRunner:
             # perf is this model's last phase: give vLLM the GPU memory the HF copy holds
             loaded.model.to("cpu")
             torch.cuda.empty_cache()
-            llm = vllm_engine.load_engine(str(loaded.path), dtype=dtype_name(loaded.dtype), seed=a.seed)
+            llm = vllm_engine.load_engine(str(loaded.path), tp=a.tp, dtype=dtype_name(loaded.dtype), seed=a.seed)
             run = lambda reqs, adv: vllm_engine.run_vllm(llm, reqs, sampling, adv)  # noqa: E731
         else:
             config = EngineConfig(parse_kv_budget(a.kv_budget, loaded.device), a.block_size, a.max_prefill_tokens,

@@ -92,8 +92,13 @@ def test_student_from_config_file_and_vocab_check(tmp_path):
 
 
 def test_builtin_tiny_student_recipe_builds_untrained():
+    from llmopt.models.builtin import RECIPES
+
     st = students.from_builtin_recipe("builtin:tiny-student")
-    assert st is not None and st.model.config.num_hidden_layers == 2 and st.model.config.vocab_size == 4096
+    assert st is not None and st.kind == "builtin"
+    assert st.model.config.num_hidden_layers == RECIPES["tiny-student"].num_layers
+    assert st.model.config.vocab_size == RECIPES["tiny"].vocab_size  # the teacher's vocabulary
+    assert students.from_builtin_recipe("builtin:tiny") is None  # trainable recipes load from the cache
 
 
 def test_hidden_layer_map_is_depth_proportional():

@@ -18,8 +18,8 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def data(tiny_model_dir):
     tok = load_model(ModelSpec(str(tiny_model_dir), "cpu", "float32")).tokenizer
-    calib = load_token_batch(DataSpec("builtin"), tok, 16, 64, 0, "calib").input_ids
-    test = load_token_batch(DataSpec("builtin"), tok, 12, 64, 0, "test").input_ids
+    calib = load_token_batch(DataSpec("builtin"), tok, 32, 64, 0, "calib").input_ids
+    test = load_token_batch(DataSpec("builtin"), tok, 16, 64, 0, "test").input_ids
     return calib, test
 
 
