@@ -68,16 +68,22 @@ def sha256_json(obj: object) -> str:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless overwrite; check the parent is writable. Writes nothing."""
+    """Refuse an existing output unless overwrite; check a file can be created beside it. Writes nothing lasting."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise LlmoptError(f"output {out} already exists: choose another --out or pass --overwrite")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():  # the first existing ancestor must be writable
+    if out.exists() and not out.is_dir():
+        raise LlmoptError(f"output {out} is a file: choose a directory path for --out")
+    probe = out.resolve().parent
+    while not probe.exists():  # the first existing ancestor must take new files
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise LlmoptError(f"cannot write to {parent}: choose a writable --out")
+    try:  # os.access says yes to root on a read-only filesystem: only trying tells
+        if not probe.is_dir():
+            raise NotADirectoryError(probe)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError:
+        raise LlmoptError(f"cannot write to {probe}: choose a writable --out") from None
 
 
 @contextlib.contextmanager

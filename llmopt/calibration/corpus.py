@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
+import os
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -60,7 +62,30 @@ def _docstrings(path: Path, rel: str) -> list[Document]:
 
 @functools.cache
 def all_documents() -> tuple[Document, ...]:
-    """Every distinct document (>= 40 chars), in a fixed order, deduplicated by text."""
+    """Every distinct document (>= 40 chars), in a fixed order, deduplicated by text.
+
+    Parsing the stdlib takes seconds, so the result is cached on disk per Python build and stdlib path.
+    """
+    from llmopt.utils import llmopt_home
+
+    key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{_MIN_CHARS}".encode()).hexdigest()[:16]
+    cache = llmopt_home() / "corpus" / f"{key}.json"
+    try:
+        return tuple(Document(i, t) for i, t in json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
+    docs = _scan_documents()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps([[d.doc_id, d.text] for d in docs]))
+        tmp.replace(cache)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # a read-only home only costs the rescan
+    return docs
+
+
+def _scan_documents() -> tuple[Document, ...]:
     import pydoc_data.topics as topics
 
     docs = [Document(f"topic:{k}", v.strip()) for k, v in sorted(topics.topics.items())]

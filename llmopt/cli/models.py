@@ -23,9 +23,13 @@ def build(
     steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default: the recipe's).")] = None,
     min_ratio: Annotated[float, typer.Option(
         "--min-ratio", help="Fail (exit 1) unless unigram perplexity / model perplexity reaches this.")] = 5.0,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if this exact build is cached.")] = False,
 ) -> None:
-    """Train a builtin model offline on the builtin corpus and cache it (LLMOPT_HOME, default ~/.cache/llmopt)."""
-    from llmopt.models.builtin import build as build_model, get_recipe
+    """Train a builtin model offline on the builtin corpus and cache it (LLMOPT_HOME, default ~/.cache/llmopt).
+
+    A cached build of the same recipe, corpus and torch is reused (its recorded figures are shown) unless --force.
+    """
+    from llmopt.models.builtin import build as build_model, cached_report, get_recipe
     from llmopt.models.progress import build_progress
 
     name = name.removeprefix("builtin:")
@@ -33,8 +37,11 @@ def build(
     if steps is not None and steps <= 0:
         raise LlmoptError("--steps must be positive")
     recipe = replace(recipe, seed=seed, steps=steps or recipe.steps)
-    report = build_model(name, progress=build_progress(), recipe=recipe)
-    t = Table(title=f"builtin:{name}", show_header=False)
+    report = None if force else cached_report(recipe)
+    cached = report is not None
+    if report is None:
+        report = build_model(name, progress=build_progress(), recipe=recipe)
+    t = Table(title=f"builtin:{name}" + (" (cached build)" if cached else ""), show_header=False)
     t.add_row("path", report.path)
     t.add_row("parameters", f"{report.params:,}")
     t.add_row("train tokens / steps", f"{report.train_tokens:,} / {report.steps}")

@@ -111,14 +111,20 @@ def get_recipe(name: str) -> TinyRecipe:
     return RECIPES[name]
 
 
-def is_built(name: str) -> bool:
-    meta = builtin_dir(name) / "llmopt.json"
-    if not meta.exists():
-        return False
+def cached_report(recipe: TinyRecipe) -> BuildReport | None:
+    """The recorded BuildReport of the cached build of exactly this recipe, or None."""
+    path = builtin_dir(recipe.name)
     try:
-        return json.loads(meta.read_text()).get("builtin", {}).get("key") == recipe_key(get_recipe(name))
-    except (json.JSONDecodeError, OSError):
-        return False
+        meta = json.loads((path / "llmopt.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("builtin", {}).get("key") != recipe_key(recipe):
+        return None
+    return BuildReport(name=recipe.name, path=str(path), **meta["metrics"])
+
+
+def is_built(name: str) -> bool:
+    return cached_report(get_recipe(name)) is not None
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):

@@ -142,7 +142,9 @@ def _check_safetensors(path: Path) -> None:
 def load_model(spec: ModelSpec | str) -> LoadedModel:
     """Load a causal LM (float or an llmopt-readable quantized checkpoint) on the requested device/dtype."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # llmopt draws its own progress; keep error output to one line
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
     path = resolve_path(spec)
     device = resolve_device(spec.device)

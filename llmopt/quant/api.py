@@ -166,23 +166,6 @@ def _check_shapes(model, is_target: Callable[[str], bool], qargs: QuantArgs) -> 
     return names
 
 
-def _check_writable(out: Path) -> None:
-    """The first existing ancestor of `out` must be a directory we can create files in (root included:
-    a read-only filesystem or a file in the way only shows up by trying)."""
-    import tempfile
-
-    probe = Path(out).resolve().parent
-    while not probe.exists():
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(probe)
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError:
-        raise LlmoptError(f"cannot write to {probe}: choose a writable --out") from None
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
@@ -228,7 +211,6 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
     timings: dict[str, float] = {}
     qargs = args.quant_args()
     check_out_dir(args.out, args.overwrite)  # fail before any heavy work
-    _check_writable(args.out)
     if not hasattr(formats, "write_checkpoint"):
         raise LlmoptError("checkpoint writers are not available in this build (llmopt.quant.formats)")
     formats.check_supported(args.format, args.method, qargs)
