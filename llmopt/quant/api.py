@@ -120,7 +120,7 @@ class QuantizeResult:
     timings: dict  # seconds per stage
     layers: list[dict]  # per-layer error vs float and vs RTN
     metrics: dict  # float / quantized quality, sizes on disk
-    evaluated_with: str | None  # "runtime" (the written checkpoint through llmopt's runtime) or "fake-quant"
+    evaluated_with: str | None  # "runtime": the written checkpoint reloaded through llmopt's runtime
     quantized_modules: int
 
     def to_dict(self) -> dict:
@@ -195,11 +195,9 @@ def _progress_bar(method: str, enabled: bool | ProgressFn):
 def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> QuantizeResult:
     """Quantize args.model with args.method and write the checkpoint to args.out (atomically)."""
     if args.backend != "llmopt":
-        try:
-            from llmopt.backends import run_backend
-        except ImportError:
-            raise LlmoptError(f"backend {args.backend!r} is not available in this build: use --backend llmopt") from None
-        return run_backend(args)
+        from llmopt.backends import run_backend
+
+        return run_backend(args, progress)
 
     from llmopt.calibration import DataSpec, load_token_batch
     from llmopt.models import ModelSpec, load_model
@@ -211,8 +209,6 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
     timings: dict[str, float] = {}
     qargs = args.quant_args()
     check_out_dir(args.out, args.overwrite)  # fail before any heavy work
-    if not hasattr(formats, "write_checkpoint"):
-        raise LlmoptError("checkpoint writers are not available in this build (llmopt.quant.formats)")
     formats.check_supported(args.format, args.method, qargs)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -252,7 +248,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         evaluated_with = None
         if eval_batch is not None:
             t = time.perf_counter()
-            quality, evaluated_with = _evaluate(args, tmp, model, result.qweights, eval_batch.input_ids, device, dtype)
+            quality, evaluated_with = _evaluate(args, tmp, eval_batch.input_ids, device, dtype)
             metrics.update(quality)
             metrics["eval"] = {"source": eval_batch.source, "split": eval_batch.split, "samples": args.eval_samples,
                                "seq_len": args.eval_seq_len, "sha256": eval_batch.sha256}
@@ -274,30 +270,16 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
 
 
 @torch.inference_mode()
-def _evaluate(args: QuantizeArgs, path: Path, qmodel, qweights, windows: torch.Tensor, device: torch.device,
+def _evaluate(args: QuantizeArgs, path: Path, windows: torch.Tensor, device: torch.device,
               dtype: torch.dtype) -> tuple[dict, str]:
-    """Quality of the written checkpoint (through llmopt's runtime; the in-memory fake-quant model only when
-    the runtime is not in this build) and of the float model, on the same windows."""
-    import contextlib
-
+    """Quality of the written checkpoint, reloaded through llmopt's runtime (what users will run), and of the
+    float model, on the same windows."""
     from llmopt.evaluate.quality import measure_quality
     from llmopt.models import ModelSpec, load_model
-    from llmopt.quant.pipeline import act_quant_hooks
     from llmopt.utils import dtype_name
 
     base = load_model(ModelSpec(args.model, str(device), dtype_name(dtype), args.trust_remote_code, args.revision))
-    hooks = contextlib.nullcontext()
-    try:
-        from llmopt.runtime import load_quantized_model  # noqa: F401  (is the runtime in this build?)
-    except ImportError:
-        quant, how = qmodel.to(device), "fake-quant"
-        act = {n: quant.get_submodule(n) for n, w in qweights.items() if w.act_bits}
-        if act:
-            hooks = act_quant_hooks(act)
-    else:
-        quant = load_model(ModelSpec(str(path), str(device), dtype_name(dtype), args.trust_remote_code)).model
-        how = "runtime"
-    with hooks:
-        q = measure_quality(quant, windows, base.model)
+    quant = load_model(ModelSpec(str(path), str(device), dtype_name(dtype), args.trust_remote_code)).model
+    q = measure_quality(quant, windows, base.model)
     f = measure_quality(base.model, windows)
-    return {"float": f.to_dict(), "quantized": q.to_dict()}, how
+    return {"float": f.to_dict(), "quantized": q.to_dict()}, "runtime"
