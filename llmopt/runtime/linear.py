@@ -63,6 +63,13 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("perm", None)
 
+    def _contiguous(self, qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
+        """qw with act-order groups made contiguous; the column permutation is kept for the inputs."""
+        qw, perm = _contiguous_groups(qw)
+        if perm is not None:
+            self.perm = perm.to(device)
+        return qw
+
     def kernels(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Candidate kernels for this module on its device, name → fn([M, K]) → [M, N] float32."""
         raise NotImplementedError
@@ -148,9 +155,7 @@ class Int4Linear(QuantLinear):
 
     def __init__(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         super().__init__(qw, device, dtype)
-        qw, perm = _contiguous_groups(qw)
-        if perm is not None:
-            self.perm = perm.to(device)
+        qw = self._contiguous(qw, device)
         self.gs = self.in_features if qw.group_size == -1 else qw.group_size
         q = qw.qweight.to(device)  # [N, K]
         scales = qw.scales.float().to(device)  # [N, G]
@@ -198,9 +203,7 @@ class Int8Linear(QuantLinear):
 
     def __init__(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         super().__init__(qw, device, dtype)
-        qw, perm = _contiguous_groups(qw)
-        if perm is not None:
-            self.perm = perm.to(device)
+        qw = self._contiguous(qw, device)
         gs = self.in_features if qw.group_size == -1 else qw.group_size
         self.n_groups = self.in_features // gs
         self.register_buffer("w_s8", (qw.qweight.to(device).to(torch.int16) - 128).to(torch.int8))  # [N, K]
