@@ -176,7 +176,7 @@ class EvalRunner:
                                                                  for r in requests))
             run = lambda reqs, adv: run_llmopt(loaded.model, reqs, config, sampling, draft, a.spec_tokens, eos, adv)  # noqa: E731
         if a.warmup:
-            run(warmup_requests(requests), None)
+            run(warmup_requests(requests, batched=a.engine != "hf"), None)
         runs = []
         for i in range(a.repeats):
             advance = self.bars.phase(f"perf {name} ({a.engine}) run {i + 1}/{a.repeats}", len(requests))
