@@ -1,7 +1,7 @@
 """Decode and prefill speed of llmopt's quantized runtime against the float model, side by side.
 
-A Llama-shaped model (TinyLlama-1.1B's layer shape by default: hidden 2048, MLP 5632, 32 heads, 4 KV heads;
-random weights, fewer layers) is quantized with RTN, written as compressed-tensors checkpoints (W4A16 g128,
+A Llama-shaped model (TinyLlama-1.1B's shape by default: 22 layers, hidden 2048, MLP 5632, 32 heads, 4 KV
+heads, vocab 32000; random weights) is quantized with RTN, written as compressed-tensors checkpoints (W4A16 g128,
 W8A16 per channel, W8A8 dynamic), loaded back through llmopt.runtime.load_quantized_model, and timed in
 interleaved rounds against the fp32 (and bf16) model:
 - decode: batch-1 greedy steps with a KV cache after a prompt; tokens/s = 1 / median step time
@@ -11,7 +11,11 @@ Every variant gets a warm-up first (which also runs the kernel autotuning). Rati
 A `+head` variant also quantizes lm_head (llmopt quantize leaves it float unless --targets names it): at
 batch-1 decode a float lm_head over a 32k vocabulary is a fixed cost the quantized layers cannot shrink.
 
-    python bench/runtime_speed.py [--layers 6] [--threads 1] [--prompt 128] [--steps 16] [--rounds 3]
+Full depth matters: with fewer layers the float lm_head and the per-step fixed costs weigh more than
+they do in any real model. Threads default to torch's default (all cores); --threads 1 shows the
+single-core case, where the int8pack/int4pack kernels are compute-bound (~9 GB/s of weights).
+
+    python bench/runtime_speed.py [--layers 22] [--threads N] [--prompt 128] [--steps 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -93,20 +97,21 @@ def main() -> None:
     from llmopt.runtime import weight_bytes
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, default=22)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill M)")
     p.add_argument("--steps", type=int, default=16, help="decode steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default="fp32,int4,int8,w8a8,int4+head,int8+head",
                    help="any of fp32, bf16, int4, int8, w8a8, each quantized one optionally with +head")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, layers {args.layers}, hidden {args.hidden}, "
           f"mlp {args.intermediate}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, prompt {args.prompt}, "
