@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.quant.rtn import expand_groups, fake_quantize, group_range, params_from_range, rtn_quantize
+from llmopt.quant.rtn import fake_quantize, params_from_range, rtn_quantize
 from llmopt.quant.types import QuantArgs, QuantizedWeight
 
 SEARCH_TOKENS = 2048  # tokens kept for the scale search (the clip search uses every token through Gram blocks)
@@ -56,27 +56,51 @@ class AwqStats:
 
 
 def _rtn_fake(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    n_in = w.shape[1]
-    wmin, wmax = group_range(w, args.group_size)
-    scale, zero = params_from_range(wmin, wmax, args.bits, args.sym)
-    return fake_quantize(w, expand_groups(scale, args.group_size, n_in), expand_groups(zero, args.group_size, n_in),
-                         args.bits)
+    """RTN quantize-dequantize of w [out, in], in the grouped view (no per-column copies of scale/zero)."""
+    out, n_in = w.shape
+    wg = w.reshape(out, n_in // args.group_size if args.group_size != -1 else 1, -1)  # [out, G, gs]
+    scale, zero = params_from_range(wg.amin(-1), wg.amax(-1), args.bits, args.sym)  # [out, G]
+    return fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), args.bits).view(out, n_in)
+
+
+def compress_sample(x: torch.Tensor) -> torch.Tensor:
+    """x [S, in] → r [min(S, in), in] with rᵀr = xᵀx, so ‖x·Dᵀ‖² = ‖r·Dᵀ‖² for every D.
+
+    The search loss is a squared norm of x·Dᵀ; when the sample has more tokens than channels, the R factor
+    of x = QR gives exactly the same losses at in/S of the cost of every grid point."""
+    if x.shape[0] <= x.shape[1]:
+        return x
+    return torch.linalg.qr(x.float(), mode="r").R  # [in, in]
+
+
+def ranking_dtype(device: torch.device) -> torch.dtype:
+    """The matmul dtype of the search losses: bfloat16 where it is fast (CUDA with bf16, CPUs with AVX512-BF16
+    or AMX: 2.2× fp32 here), else float32. The losses only rank the grid: bf16 inputs with fp32 accumulation move
+    a loss by <0.1% relative, so a pick can only change between grid points whose true losses are that close
+    (tested against float64); AutoAWQ ranks its grid in fp16 on GPUs."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if fast else torch.float32
 
 
 def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs
                   ) -> tuple[torch.Tensor, float, float, float]:
-    """x [S, in] sample, x_mean [in], weights [[out_i, in]] → (s [in], α, best loss, loss at α=0 i.e. RTN)."""
+    """x [S, in] sample, x_mean [in], weights [[out_i, in]] → (s [in], α, best loss, loss at α=0 i.e. RTN).
+
+    loss(α) = mean over the sample of (x·Q(W·s)/sᵀ − x·Wᵀ)², computed as ‖r·(Q(W·s)/s − W)ᵀ‖² / (S·out)."""
     w = torch.cat([wi.float() for wi in weights])  # [O, in]
-    x = x.float()
-    ref = x @ w.t()  # [S, O]
+    denom = x.shape[0] * w.shape[0]
+    dt = ranking_dtype(w.device)
+    r = compress_sample(x.float()).to(dt)  # [≤in, in]
     best = (torch.ones_like(x_mean), 0.0, float("inf"))
     rtn_loss = float("nan")
     for k in range(args.awq_grid):
         alpha = k / args.awq_grid
         s = x_mean.clamp(min=1e-4).pow(alpha)  # [in]
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 in log space
-        wq = _rtn_fake(w * s, args) / s  # [O, in]
-        loss = (x @ wq.t() - ref).pow(2).mean().item()
+        d = _rtn_fake(w * s, args) / s - w  # [O, in] weight error of this α
+        loss = (r @ d.to(dt).t()).float().pow(2).sum().item() / denom
         if k == 0:
             rtn_loss = loss
         if loss < best[2]:
@@ -84,27 +108,26 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
     return best[0], best[1], best[2], rtn_loss
 
 
-def search_clip(w: torch.Tensor, gram: torch.Tensor, args: QuantArgs, chunk: int = 256) -> torch.Tensor:
+def search_clip(w: torch.Tensor, gram: torch.Tensor, args: QuantArgs, chunk: int = 4096) -> torch.Tensor:
     """w [out, in] (already scaled), gram [G, gs, gs] of its inputs → clip ratio [out, G] per group."""
     out, n_in = w.shape
     g_count, gs, _ = gram.shape
-    w = w.float()
-    wg = w.view(out, g_count, gs)  # [out, G, gs]
-    wmin, wmax = wg.amin(-1), wg.amax(-1)  # [out, G]
-    best_ratio = torch.ones(out, g_count, device=w.device)
-    best_err = torch.full((out, g_count), float("inf"), device=w.device)
+    wg = w.float().view(out, g_count, gs).transpose(0, 1)  # [G, out, gs]: one batched matmul per grid point
+    wmin, wmax = wg.amin(-1), wg.amax(-1)  # [G, out]
+    best_ratio = torch.ones(g_count, out, device=w.device)
+    best_err = torch.full((g_count, out), float("inf"), device=w.device)
     for k in range(args.awq_grid):
         r = 1 - CLIP_MAX_SHRINK * k / args.awq_grid
-        scale, zero = params_from_range(wmin * r, wmax * r, args.bits, args.sym)  # [out, G]
-        d = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), args.bits) - wg  # [out, G, gs]
-        err = torch.empty(out, g_count, device=w.device)
-        for o in range(0, out, chunk):  # d·Gram·d per (channel, group), chunked to bound memory
-            dc = d[o:o + chunk]  # [c, G, gs]
-            err[o:o + chunk] = torch.einsum("cgi,gij,cgj->cg", dc, gram, dc)
+        scale, zero = params_from_range(wmin * r, wmax * r, args.bits, args.sym)  # [G, out]
+        err = torch.empty(g_count, out, device=w.device)
+        for o in range(0, out, chunk):  # d·Gram·d per (group, channel), chunked over channels to bound memory
+            wc = wg[:, o:o + chunk]  # [G, c, gs]
+            d = fake_quantize(wc, scale[:, o:o + chunk, None], zero[:, o:o + chunk, None], args.bits) - wc
+            err[:, o:o + chunk] = (torch.bmm(d, gram) * d).sum(-1)  # [G, c]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
-    return best_ratio
+    return best_ratio.t().contiguous()  # [out, G]
 
 
 def awq_quantize(w_scaled: torch.Tensor, gram_scaled: torch.Tensor | None, args: QuantArgs) -> QuantizedWeight:

@@ -133,6 +133,10 @@ def _hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], torc
             h.remove()
 
 
+def _stop(_name: str, _x: torch.Tensor) -> None:
+    raise _Stop
+
+
 def act_quant_hooks(modules: dict[str, nn.Module]):
     """Dynamic per-token INT8 activation fake-quantization on these Linears (W8A8 simulation)."""
     return _hooks(modules, lambda _n, x: fake_quantize_activations(x, 8))
@@ -315,8 +319,22 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
             if b < n_check:
                 float_out.append(y)
 
-        with _hooks(collect, lambda nm, x: stats[nm].add(x)):
-            run(keep_float)
+        order: list[str] = []  # collectors in call order, learned on the first (checked, full) batch
+
+        def gather(nm: str, x: torch.Tensor) -> None:
+            stats[nm].add(x)
+            if nm not in order:
+                order.append(nm)
+
+        with _hooks(collect, gather):
+            run(keep_float, n_check)
+            if collect and len(batches) > n_check:
+                # past the checked batches only the collectors' inputs matter: stop the forward right after
+                # the last collector has seen its input (Llama: skips down_proj's matmul and the residual)
+                with _hooks({order[-1]: collect[order[-1]]}, _stop):
+                    for x, kw in batches[n_check:]:
+                        with contextlib.suppress(_Stop):
+                            layer(x, **kw)
 
         rtn_meter = _ErrorMeter()
         if method != "rtn":  # RTN itself is the reference: its error ratio is 1 by definition

@@ -76,3 +76,24 @@ def test_lm_head_only_when_named(tiny_qwen2_dir, data):
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     assert not model.config.tie_word_embeddings
     assert res.layers[-1].name == "lm_head" and res.layers[-1].error < 0.02
+
+
+@pytest.mark.parametrize("method,sym", [("gptq", True), ("awq", False), ("w8a8", True)])
+def test_unchecked_batches_stop_early_with_identical_codes(tiny_model_dir, data, monkeypatch, method, sym):
+    """Past the checked batches the stats pass stops after the last collector: the codes must not change."""
+    import llmopt.quant.pipeline as pipeline
+
+    calib, _ = data
+    qargs = QuantArgs(bits=8 if method == "w8a8" else 4, group_size=-1 if method == "w8a8" else 32, sym=sym)
+
+    def codes(check_tokens: int):
+        monkeypatch.setattr(pipeline, "CHECK_TOKENS", check_tokens)
+        model = load_model(ModelSpec(str(tiny_model_dir), "cpu", "float32")).model
+        return quantize_model(model, calib, method, qargs, target_filter(model, ["Linear"], []), CPU, batch_size=8)
+
+    early = codes(64 * 8)  # 1 of 4 batches checked: 3 stop early
+    full = codes(64 * 32)  # every batch checked: full forwards
+    assert early.qweights.keys() == full.qweights.keys()
+    for name, w in early.qweights.items():
+        assert torch.equal(w.qweight, full.qweights[name].qweight), name
+        assert torch.equal(w.scales, full.qweights[name].scales), name
