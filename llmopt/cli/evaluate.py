@@ -27,7 +27,8 @@ def evaluate(
                                                 "at once.")] = math.inf,
     seed: opt.Seed = 0,
     engine: Annotated[str, typer.Option("--engine", help="llmopt (continuous batching, paged KV), hf (one "
-                                        "request at a time through model.generate) or vllm.")] = "llmopt",
+                                        "request at a time through model.generate), hf-cb (transformers' own "
+                                        "continuous batching, greedy: a cross-check) or vllm.")] = "llmopt",
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel GPUs for --engine vllm.")] = 1,
     draft: Annotated[str | None, typer.Option("--draft", help="Draft model for speculative decoding.")] = None,
     spec_tokens: Annotated[int, typer.Option("--spec-tokens", help="Tokens the draft proposes per step.")] = 4,

@@ -17,7 +17,7 @@ import torch
 
 from llmopt.errors import LlmoptError
 
-ENGINES = ("llmopt", "hf", "vllm")
+ENGINES = ("llmopt", "hf", "hf-cb", "vllm")
 ProgressArg = bool | Callable | None
 
 
@@ -80,6 +80,8 @@ class EvalArgs:
             raise LlmoptError(f"--repeats must be ≥ 1 (got {self.repeats})")
         if self.threads is not None and self.threads < 1:
             raise LlmoptError(f"--threads must be ≥ 1 (got {self.threads})")
+        if self.engine == "hf-cb" and self.temperature > 0:
+            raise LlmoptError("--engine hf-cb is a greedy cross-check: drop --temperature, or use --engine llmopt")
         if self.draft is not None and self.engine != "llmopt":
             raise LlmoptError("--draft (speculative decoding) runs on --engine llmopt only")
         if self.spec_tokens < 1:

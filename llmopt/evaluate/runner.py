@@ -161,6 +161,11 @@ class EvalRunner:
         eos = loaded.tokenizer.eos_token_id
         if a.engine == "hf":
             run = lambda reqs, adv: run_hf(loaded.model, reqs, sampling, loaded.tokenizer.pad_token_id, adv)  # noqa: E731
+        elif a.engine == "hf-cb":
+            from llmopt.evaluate.hf_cb import run_hf_cb
+
+            run = lambda reqs, adv: run_hf_cb(loaded.model, reqs, sampling, a.block_size,  # noqa: E731
+                                              max(a.max_prefill_tokens, len(reqs)), adv)
         elif a.engine == "vllm":
             from llmopt.evaluate import vllm_engine
             from llmopt.utils import dtype_name
