@@ -1,17 +1,18 @@
 """Continuous batching (llmopt's engine) vs one-request-at-a-time `model.generate`, same workload, one run.
 
     python bench/engine_throughput.py [--model builtin:tiny] [--threads 1] [--num-requests 32]
-        [--prompt-len 32:256] [--output-len 32:128] [--max-prefill-tokens 1024]
+        [--prompt-len 32:256] [--output-len 32:128] [--max-prefill-tokens 1024] [--repeats 3] [--hf-cb]
 
 Runs the model given and a second architecture: a Qwen2 (q/k/v biases) built from the same model's weights
 with random attention biases added (`--no-qwen2` skips it). For each: an untimed warm-up of both engines, then
-the whole workload through `generate` (one request at a time) and through the engine, side by side; prints
-output tokens/s of both, their ratio, and whether every request's greedy tokens are identical.
-"""
+`--repeats` interleaved pairs of the whole workload through `generate` (one request at a time) and through the
+engine; prints output tokens/s of the median pair, every pair's ratio, and whether every request's greedy tokens
+are identical. `--hf-cb` adds transformers' own continuous batching to each pair, as a cross-check."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -43,6 +44,7 @@ def qwen2_from(model, seed: int = 0):
 def bench_one(label: str, model, requests, args) -> bool:
     from llmopt.engine import EngineConfig
     from llmopt.engine.block_manager import blocks_for
+    from llmopt.evaluate.hf_cb import run_hf_cb
     from llmopt.evaluate.perf import Sampling, run_hf, run_llmopt, warmup_requests
 
     greedy = Sampling()
@@ -52,10 +54,14 @@ def bench_one(label: str, model, requests, args) -> bool:
     run_llmopt(model, warmup_requests(requests, batched=True), config, greedy)
     # interleaved repeats: this box's speed drifts by ±10% over minutes (shared VM), so each engine run sits right
     # next to a generate run and the ratio is taken per pair, then the median over pairs
-    pairs = []
+    pairs, cbs = [], []
+    if args.hf_cb:
+        run_hf_cb(model, warmup_requests(requests, batched=True), greedy, args.block_size, args.max_prefill_tokens)
     for _ in range(args.repeats):
         pairs.append((run_hf(model, requests, greedy, pad_id=model.config.pad_token_id),
                       run_llmopt(model, requests, config, greedy)))
+        if args.hf_cb:
+            cbs.append(run_hf_cb(model, requests, greedy, args.block_size, args.max_prefill_tokens))
     ratios = [e.metrics.output_tokens_per_s / h.metrics.output_tokens_per_s for h, e in pairs]
     order = sorted(range(len(pairs)), key=lambda i: ratios[i])
     hf, eng = pairs[order[len(order) // 2]]  # the median pair
@@ -71,6 +77,14 @@ def bench_one(label: str, model, requests, args) -> bool:
           f"ITL p50/p99 {eng.metrics.itl_ms.p50:.1f}/{eng.metrics.itl_ms.p99:.1f} ms; KV peak {kv.peak_tokens} tokens: "
           f"allocated {kv.allocated_bytes:,} B vs formula {kv.formula_bytes:,} B "
           f"(waste {kv.waste_bytes / kv.allocated_bytes * 100:.1f}%)")
+    if cbs:  # transformers' own continuous batching, same workload, next to the same generate runs
+        cb_ratios = sorted(c.metrics.output_tokens_per_s / h.metrics.output_tokens_per_s for (h, _), c in zip(pairs, cbs))
+        cb_same = min(sum(a == b for a, b in zip(h.outputs, c.outputs)) for (h, _), c in zip(pairs, cbs))
+        cb = statistics.median(c.metrics.output_tokens_per_s for c in cbs)
+        print(f"{'':<28} transformers CB {cb:8.1f} tok/s   ratio vs generate {cb_ratios[len(cb_ratios) // 2]:5.2f}x   "
+              f"llmopt engine / transformers CB {eng.metrics.output_tokens_per_s / cb:5.2f}x   "
+              f"greedy identical {cb_same}/{len(requests)}")
+        same = min(same, cb_same)
     return same == len(requests)
 
 
@@ -86,6 +100,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved generate/engine pairs (odd: median pair)")
     ap.add_argument("--no-qwen2", action="store_true")
+    ap.add_argument("--hf-cb", action="store_true", help="also run transformers' continuous batching (cross-check)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -13,6 +13,9 @@ llm-compressor pins transformers <=5.17, so it lives in its own venv (created on
     python -m venv /work/venvs/llmcompressor
     /work/venvs/llmcompressor/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
 
+Both tools are bound by the same fp32 GEMMs (per layer: the float forward that gathers statistics, the
+Hessian XᵀX, the quantized forward that feeds the next layer); see the README for the measured figures.
+
 Usage: python bench/quant_speed.py [--samples 64] [--seq-len 256] [--repeats 1] [--skip-llmc]
 """
 
@@ -181,6 +184,7 @@ def main() -> None:
         q = quality(path, loaders, eval_ids)
         for name, walls in runs.items():
             if walls:
+                print(f"[{kind}] {name}: whole-process wall s per run: {', '.join(f'{w:.1f}' for w in walls)}")
                 rows.append((kind, params, name, statistics.median(walls), q[name]))
 
     from rich.console import Console
