@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def decode_speeds(a, rows: list[dict], float_path: Path) -> dict:
             spec = get_spec(loader)
             res = run_worker(spec, find_interpreter(spec), {
                 "kind": "decode", "checkpoint": r["path"], "prompt": prompt, "new_tokens": a.decode_tokens,
-                "repeats": a.repeats, "device": "cpu", "threads": a.threads, "scratch": "/tmp"}).result
+                "repeats": a.repeats, "device": "cpu", "threads": a.threads,
+                "scratch": tempfile.mkdtemp(prefix="llmopt-decode-")}).result
             speeds[r["path"]]["library"] = {**res, "loader": loader}
         except LlmoptError as e:
             speeds[r["path"]]["library"] = {"error": str(e), "loader": loader}

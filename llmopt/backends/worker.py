@@ -52,7 +52,9 @@ def compat_model_dir(src: Path, dst: Path) -> Path:
     4.x keys (rope_theta, torch_dtype) that 5.x moved (rope_parameters, dtype), tokenizer_config.json names
     the fast tokenizer class 4.x knows instead of 5.x's TokenizersBackend; every other file is linked."""
     src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    if dst.exists():  # a view left by an earlier job in the same scratch folder: rebuild it
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
     rewritten = ("config.json", "tokenizer_config.json")
     for f in src.iterdir():
         if f.name not in rewritten and f.is_file():
@@ -108,7 +110,9 @@ def time_decode(model, prompt: list[int], new_tokens: int, repeats: int, device:
 
     x = torch.tensor([prompt], device=device)
     attn = torch.ones_like(x)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    # use_cache explicitly: some quantizers save "use_cache": false into the config (AutoAWQ does), and generate
+    # would then recompute the whole sequence at every step (measured: 0.27× instead of 1.2× float)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
 
     def gen(n: int) -> float:
         t = time.perf_counter()

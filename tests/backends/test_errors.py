@@ -120,17 +120,28 @@ def test_compare_math():
 
     torch.manual_seed(0)
     ref = torch.randn(2, 5, 7)
-    assert compare(ref, ref.clone()) == (0.0, 0.0, 0.0, 1.0)
+    assert compare(ref, ref.clone(), 0.0) == (0.0, 0.0, 0.0, 1.0, 1.0, 1.0)
     other = ref.clone()
     other[0, 0] = -ref[0, 0]  # flips that position's argmax
-    max_abs, kld, kld_max, top1 = compare(ref, other)
+    max_abs, kld, kld_max, top1, top1_decided, decided = compare(ref, other, 0.0)
     p = torch.log_softmax(ref[0, 0].double(), -1)
     q = torch.log_softmax(other[0, 0].double(), -1)
     expected = (p.exp() * (p - q)).sum().item()
     assert kld_max == pytest.approx(expected) and kld == pytest.approx(expected / 10)
     assert top1 == pytest.approx(9 / 10) and max_abs == pytest.approx(2 * ref[0, 0].abs().max().item())
+    assert top1_decided == top1 and decided == 1.0  # margin 0: every position is decided
+    # a near-tie: position [1, 1]'s top two are 0.01 apart and the loader swaps them
+    tie = ref.clone()
+    top = tie[1, 1].topk(2)
+    tie[1, 1, top.indices[1]] = top.values[0] - 0.01
+    swapped = tie.clone()
+    swapped[1, 1, top.indices[0]], swapped[1, 1, top.indices[1]] = tie[1, 1, top.indices[1]], tie[1, 1, top.indices[0]]
+    _, _, _, top1, top1_decided, decided = compare(tie, swapped, 0.25)
+    gaps = tie.topk(2, dim=-1).values
+    n_decided = int(((gaps[..., 0] - gaps[..., 1]) >= 0.25).sum())
+    assert top1 == pytest.approx(9 / 10) and top1_decided == 1.0 and decided == pytest.approx(n_decided / 10)
     res = VerifyResult("ck", "gptq", "llmopt runtime", 2, 5, [LoaderCheck("gptqmodel", "x", max_abs, kld, kld_max,
-                                                                         top1, False, 0.1)])
+                                                                         top1, top1, 1.0, False, 0.1)])
     with pytest.raises(CheckFailed, match="gptqmodel"):
         check(res)
 

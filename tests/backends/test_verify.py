@@ -47,3 +47,23 @@ def test_gptq_awq_with_gptqmodel(llmopt_checkpoints, fmt):
     (c,) = res["checks"]
     assert res["passed"] and c["loader"] == "gptqmodel" and "GPTQModel.load" in c["how"]
     assert c["top1_agreement"] >= 0.99 and c["kld_mean"] <= 1e-3
+
+
+def test_a_misread_checkpoint_fails_despite_the_tie_margin(llmopt_checkpoints, monkeypatch):
+    """A reader bug (int4 codes unpacked in reversed nibble order) must fail verify: it moves logits by whole
+    units, far past the near-tie margin, so decided top-1 and KL both catch it."""
+    import llmopt.quant.formats.compressed_tensors as ct
+
+    real = ct.unpack_bits
+
+    def reversed_nibbles(words, bits, n, dim):
+        codes = real(words, bits, n, dim)
+        return codes.flip(dim) if bits == 4 else codes
+
+    monkeypatch.setattr(ct, "unpack_bits", reversed_nibbles)
+    r = runner.invoke(app, ["verify", str(llmopt_checkpoints["compressed-tensors"]), "--with", "transformers",
+                            *VERIFY])
+    assert r.exit_code == 1, r.output
+    res = json.loads(r.output[r.output.index("{"):r.output.rindex("}") + 1])
+    (c,) = res["checks"]
+    assert not c["passed"] and (c["kld_mean"] > 1e-3 or c["top1_decided"] < 0.99)
