@@ -44,8 +44,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=None, help="default: llmopt eval's (all cores but one)")
     args = ap.parse_args()
+    if args.threads is None:
+        from llmopt.utils import default_threads
+
+        args.threads = default_threads()
     print(f"{args.runs} × `llmopt eval {args.model} --perf-only --repeats {args.repeats} --num-requests "
           f"{args.num_requests} --threads {args.threads}`, back to back, with a matmul probe between runs")
     rows = []

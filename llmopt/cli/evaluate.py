@@ -41,7 +41,8 @@ def evaluate(
     max_prefill_tokens: Annotated[int, typer.Option("--max-prefill-tokens", help="Prompt tokens prefilled per "
                                                     "step (lower: better ITL tail, worse TTFT).")] = 1024,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Most requests running at once.")] = 256,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: all "
+                                                       "cores but one, left to the engine's Python thread and the OS).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; medians and spread are reported.")] = 3,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="An untimed warm-up run first.")] = True,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Perplexity window (tokens).")] = 512,
@@ -62,7 +63,6 @@ def evaluate(
     trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
     """Evaluate models: perplexity / KLD / top-1 / lm-eval tasks, and TTFT, TPOT, ITL, throughput, memory, cost."""
-    import torch
     from rich.console import Console
 
     from llmopt.cli.console import err, out
@@ -79,9 +79,7 @@ def evaluate(
                     tasks=task_list, task_limit=task_limit, quality_only=quality_only, perf_only=perf_only,
                     price_per_hour=price_per_hour, json=json_out, csv=csv, plot=plot, device=device, dtype=dtype,
                     trust_remote_code=trust_remote_code)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    err.print(f"threads: {torch.get_num_threads()}  engine: {engine}")
+    err.print(f"threads: {args.threads}  engine: {engine}")
     result = run_eval(args, progress=True)
     d = finite(result.to_dict())
     # A terminal gets the table fitted to its width; a file or pipe gets it whole.

@@ -44,7 +44,7 @@ class EvalArgs:
     block_size: int = 16
     max_prefill_tokens: int = 1024
     max_num_seqs: int = 256
-    threads: int | None = None
+    threads: int | None = None  # None: llmopt.utils.default_threads() (all cores but one)
     repeats: int = 3
     warmup: bool = True
     seq_len: int = 512
@@ -80,6 +80,10 @@ class EvalArgs:
             raise LlmoptError(f"--repeats must be ≥ 1 (got {self.repeats})")
         if self.threads is not None and self.threads < 1:
             raise LlmoptError(f"--threads must be ≥ 1 (got {self.threads})")
+        if self.threads is None:
+            from llmopt.utils import default_threads
+
+            object.__setattr__(self, "threads", default_threads())
         if self.engine == "hf-cb" and self.temperature > 0:
             raise LlmoptError("--engine hf-cb is a greedy cross-check: drop --temperature, or use --engine llmopt")
         if self.draft is not None and self.engine != "llmopt":
@@ -147,8 +151,7 @@ def evaluate(args: EvalArgs, progress: ProgressArg = False) -> EvalResult:
 
             check_out_dir(Path(path), overwrite=True)
     threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     try:
         with make_progress(progress) as bar:
             runner = EvalRunner(args, bar)
