@@ -57,7 +57,7 @@ def setup(
     name: Annotated[str, typer.Argument(help="gptqmodel, llmcompressor, auto-gptq or autoawq.")],
     path: Annotated[Path | None, typer.Option("--path", help="Where to create the venv (default: "
                                               "$LLMOPT_HOME/backends/NAME, where --backend finds it).")] = None,
-    overwrite: opt.Overwrite = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recreate the venv if --path exists.")] = False,
 ) -> None:
     """Create a venv for backend NAME with its pinned stack (same torch as llmopt's) and check it imports."""
     from llmopt.backends.setup import setup as run_setup
