@@ -80,7 +80,10 @@ def ranking_dtype(device: torch.device) -> torch.dtype:
     (tested against float64); AutoAWQ ranks its grid in fp16 on GPUs."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    try:  # a private op: a torch build without it gets float32
+        fast = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        fast = False
     return torch.bfloat16 if fast else torch.float32
 
 
