@@ -70,7 +70,7 @@ def run_hf_cb(model, requests: list[Request], sampling: Sampling, block_size: in
                 continue
             if out.error:
                 raise LlmoptError(f"transformers' continuous batching failed on request {out.request_id}: "
-                                  f"{out.error.splitlines()[-1] if out.error else ''}")
+                                  f"{out.error.splitlines()[-1]}")
             if out.is_finished():
                 results[out.request_id] = out
                 if progress is not None:

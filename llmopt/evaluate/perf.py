@@ -44,9 +44,7 @@ def warmup_requests(requests: list[Request], batched: bool) -> list[Request]:
     allocator reaches its peak and every batch-size bucket has picked its kernel before the clock starts — a short
     warm-up left the first timed repeat 10-20% slow and the spread wide. `generate` serves one request at a time, so
     its first two requests at full length exercise the same shapes."""
-    if batched:
-        return [Request(r.prompt, r.max_tokens, 0.0) for r in requests]
-    return [Request(r.prompt, r.max_tokens, 0.0) for r in requests[:2]]
+    return [Request(r.prompt, r.max_tokens, 0.0) for r in (requests if batched else requests[:2])]
 
 
 def run_llmopt(model, requests: list[Request], config: EngineConfig, sampling: Sampling,

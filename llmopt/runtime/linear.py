@@ -74,6 +74,18 @@ class QuantLinear(torch.nn.Module):
         """Candidate kernels for this module on its device, name → fn([M, K]) → [M, N] float32."""
         raise NotImplementedError
 
+    def _dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        """[N, K] weight in `dtype` (subclasses that keep codes implement it)."""
+        raise NotImplementedError
+
+    def _dequant_kernels(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The dequantize-then-matmul paths every code-keeping module has: fp32 (the reference) and bf16."""
+        return {
+            "dequant": lambda x: torch.nn.functional.linear(x.float(), self._dequant(torch.float32)),
+            "dequant-bf16": lambda x: torch.nn.functional.linear(x.to(torch.bfloat16),
+                                                                 self._dequant(torch.bfloat16)).float(),
+        }
+
     def reference_kernel(self) -> str:
         """The pure-torch path every other kernel is tested against."""
         return "dequant"
@@ -183,11 +195,7 @@ class Int4Linear(QuantLinear):
         return K.dequant_codes(self.codes(), self.scales, self.zero_scale, dtype)
 
     def kernels(self):
-        table = {
-            "dequant": lambda x: torch.nn.functional.linear(x.float(), self._dequant(torch.float32)),
-            "dequant-bf16": lambda x: torch.nn.functional.linear(x.to(torch.bfloat16),
-                                                                 self._dequant(torch.bfloat16)).float(),
-        }
+        table = self._dequant_kernels()
         if self.has_int4pack:
             table["int4pack"] = lambda x: K.int4pack_mm(x, self.packed, self.kernel_gs, self.scale_zeros)
         return table
@@ -228,11 +236,7 @@ class Int8Linear(QuantLinear):
         return y
 
     def kernels(self):
-        table = {
-            "dequant": lambda x: torch.nn.functional.linear(x.float(), self._dequant(torch.float32)),
-            "dequant-bf16": lambda x: torch.nn.functional.linear(x.to(torch.bfloat16),
-                                                                 self._dequant(torch.bfloat16)).float(),
-        }
+        table = self._dequant_kernels()
         if self.has_int8pack:
             table["int8pack"] = self._int8pack
         return table
