@@ -53,6 +53,10 @@ def quantize(
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len", help="Tokens per evaluation window.")] = 256,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    calib_dtype: Annotated[str, typer.Option(
+        "--calib-dtype", help="Calibration forwards: model (the loaded dtype, exact) or bfloat16 (autocast; "
+                              "weights, statistics and solves stay fp32; faster where bf16 is fast, a little "
+                              "less accurate: see README).")] = "model",
     trust_remote_code: TrustRemoteCode = False,
     revision: Revision = None,
     seed: Seed = 0,
@@ -74,7 +78,7 @@ def quantize(
         block_size=block_size, act_order=act_order, static_groups=static_groups, smoothquant_alpha=smoothquant_alpha,
         awq_grid=awq_grid, awq_clip=awq_clip, targets=targets or ["Linear"], ignore=ignore or [], evaluate=evaluate,
         eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device, dtype=dtype,
-        trust_remote_code=trust_remote_code, revision=revision, seed=seed, overwrite=overwrite, backend=backend,
+        calib_dtype=calib_dtype, trust_remote_code=trust_remote_code, revision=revision, seed=seed, overwrite=overwrite, backend=backend,
         backend_python=backend_python)
     result = run_quantize(args, progress=not json_out)
     if json_out:

@@ -57,6 +57,7 @@ class QuantizeArgs:
     eval_seq_len: int = 256
     device: str = "auto"
     dtype: str = "auto"
+    calib_dtype: str = "model"  # model | bfloat16 (forwards under autocast)
     trust_remote_code: bool = False
     revision: str | None = None
     seed: int = 0
@@ -84,6 +85,8 @@ class QuantizeArgs:
             self.sym = self.method != "awq"
         if eight and not self.sym:
             raise LlmoptError(f"--method {self.method} is symmetric INT8: drop --asym")
+        if self.calib_dtype not in ("model", "bfloat16"):
+            raise LlmoptError(f"--calib-dtype must be model or bfloat16, got {self.calib_dtype!r}")
         if self.static_groups and not self.act_order:
             raise LlmoptError("--static-groups only matters with --act-order: add --act-order or drop it")
         for name in ("samples", "seq_len", "eval_samples", "eval_seq_len", "block_size", "awq_grid"):
@@ -233,7 +236,8 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
 
     callback, bar = _progress_bar(args.method, progress)
     with bar:
-        result = quantize_model(model, calib.input_ids, args.method, qargs, is_target, device, callback)
+        result = quantize_model(model, calib.input_ids, args.method, qargs, is_target, device, callback,
+                                calib_dtype=_calib_dtype(args.calib_dtype, dtype, device))
     timings["quantize"] = result.seconds
     ignored = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.qweights]
 
@@ -267,6 +271,15 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
             "evaluated_with": evaluated_with, "quantized_modules": len(names), "ignored_modules": ignored,
         })
     return res
+
+
+def _calib_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards, or None to run them in the model's own dtype."""
+    if name == "model" or model_dtype == torch.bfloat16:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LlmoptError("--calib-dtype bfloat16: this GPU has no bfloat16 support; use --calib-dtype model")
+    return torch.bfloat16
 
 
 @torch.inference_mode()

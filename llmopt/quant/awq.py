@@ -13,11 +13,13 @@ Pure tensor functions; the pipeline gathers the statistics (AwqStats) and applie
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llmopt.quant.rtn import fake_quantize, params_from_range, rtn_quantize
 from llmopt.quant.types import QuantArgs, QuantizedWeight
 
 SEARCH_TOKENS = 2048  # tokens kept for the scale search (the clip search uses every token through Gram blocks)
+TRI_BLOCKS = 4  # row blocks of the triangular sample factor in the scale search
 CLIP_MAX_SHRINK = 0.5  # smallest ratio tried is 1 - CLIP_MAX_SHRINK·(grid-1)/grid
 
 
@@ -87,6 +89,16 @@ def ranking_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast else torch.float32
 
 
+def _row_blocks(r: torch.Tensor, triangular: bool) -> list[tuple[torch.Tensor, int]]:
+    """r → [(rows of r from its first nonzero column c on, c)]. An upper-triangular R is zero left of the
+    diagonal, so row block i needs only the columns from its first row on: ~0.6× the matmul work of r @ dᵀ
+    with 4 blocks, the same loss."""
+    if not triangular:
+        return [(r, 0)]
+    step = -(-r.shape[0] // TRI_BLOCKS)
+    return [(r[i:i + step, i:].contiguous(), i) for i in range(0, r.shape[0], step)]
+
+
 def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], args: QuantArgs
                   ) -> tuple[torch.Tensor, float, float, float]:
     """x [S, in] sample, x_mean [in], weights [[out_i, in]] → (s [in], α, best loss, loss at α=0 i.e. RTN).
@@ -96,14 +108,15 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
     denom = x.shape[0] * w.shape[0]
     dt = ranking_dtype(w.device)
     r = compress_sample(x.float()).to(dt)  # [≤in, in]
+    blocks = _row_blocks(r, triangular=x.shape[0] > x.shape[1])
     best = (torch.ones_like(x_mean), 0.0, float("inf"))
     rtn_loss = float("nan")
     for k in range(args.awq_grid):
         alpha = k / args.awq_grid
         s = x_mean.clamp(min=1e-4).pow(alpha)  # [in]
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 in log space
-        d = _rtn_fake(w * s, args) / s - w  # [O, in] weight error of this α
-        loss = (r @ d.to(dt).t()).float().pow(2).sum().item() / denom
+        d = (_rtn_fake(w * s, args) / s - w).to(dt)  # [O, in] weight error of this α
+        loss = sum(F.linear(d[:, c:], rb).float().pow(2).sum().item() for rb, c in blocks) / denom  # [O, b] each
         if k == 0:
             rtn_loss = loss
         if loss < best[2]:

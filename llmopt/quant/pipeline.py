@@ -1,13 +1,20 @@
 """Layer-by-layer sequential calibration: the stateful part of quantization.
 
-The model sits on the CPU; one decoder layer at a time moves to the device. For each layer:
-  1. forward the layer's inputs (outputs of the already-quantized previous layers), hooks on its Linears
-     gathering what the method needs (GPTQ Hessians, AWQ statistics, SmoothQuant activation maxima);
-  2. the built-in check: the same layer with RTN weights on the check samples (error reference);
-  3. run the method (fold scales, quantize each Linear, write the dequantized weight back);
-  4. forward the quantized layer: its outputs are the next layer's inputs, and on the check samples
-     its relative output error vs the float layer is recorded next to RTN's.
-Linears reading the same tensor (q/k/v, gate/up) share one collector, so their Hessian is built once.
+The model sits on the CPU; one decoder layer at a time moves to the device. Per layer:
+  1. the built-in check: the float layer and the same layer with RTN weights on the check batches;
+  2. calibration, by method:
+     - GPTQ on Llama-style layers, "true sequential": the layer is cut at the inputs of its Linear groups
+       (q/k/v → o → gate/up → down); each group's Hessian is gathered on inputs that went through the groups
+       already quantized, then the group is quantized; every piece of the layer runs once per batch;
+     - GPTQ on other layers, RTN, INT8: one forward gathers the statistics, the groups are quantized, one
+       quantized forward produces the next layer's inputs (the outputs of the quantized model so far);
+     - AWQ and SmoothQuant (W8A8): one float forward gathers the statistics and produces the next layer's
+       inputs: like their reference implementations they calibrate on the float model's activations;
+  3. the quantized layer's relative output error vs the float layer on the check batches, next to RTN's.
+Linears reading the same tensor (q/k/v, gate/up) share one collector, so their Hessian is built once. Groups
+are quantized in order; a scale folded into an op that is an already-quantized Linear (AWQ/SmoothQuant's
+v→o and up→down) divides that Linear's row scales: its codes stay valid. With calib_dtype=bfloat16 the
+forwards run under autocast; statistics, solves and the weights themselves stay fp32.
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ from torch import nn
 from llmopt.errors import LlmoptError
 from llmopt.quant import awq as awq_mod
 from llmopt.quant.gptq import HessianAccumulator, gptq_quantize
-from llmopt.quant.mappings import SUPPORTED_MODEL_TYPES, fold_scales, scale_groups
+from llmopt.quant.mappings import SUPPORTED_MODEL_TYPES, ScaleGroup, fold_scales, scale_groups
 from llmopt.quant.rtn import fake_quantize_activations, rtn_quantize
 from llmopt.quant.smoothquant import ActMaxAccumulator, smooth_scales, w8a8_quantize
 from llmopt.quant.types import QuantArgs, QuantizedWeight
 
-CHECK_TOKENS = 4096  # calibration tokens on which each layer's output error is measured
+CHECK_TOKENS = 1024  # calibration tokens on which each layer's output error is measured
 # siblings that read the very same input tensor in Llama-style layers
 _SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
@@ -174,14 +181,25 @@ class _ErrorMeter:
 
 
 class LayerQuantizer:
-    """Per-method part of the pipeline: what to collect, and how to quantize a layer from it."""
+    """Per-method part of the pipeline: what to collect, and how to quantize a group of Linears from it."""
 
-    def __init__(self, method: str, qargs: QuantArgs, config, total_tokens: int) -> None:
+    def __init__(self, method: str, qargs: QuantArgs, config, total_tokens: int,
+                 calib_dtype: torch.dtype | None = None) -> None:
         self.method = method
         self.qargs = qargs
         self.config = config
         self.total_tokens = total_tokens
         self.act_bits = 8 if method == "w8a8" else None
+        # AWQ and SmoothQuant calibrate every layer on the float model's activations, as their reference
+        # implementations do (their scales keep the float function unchanged); GPTQ on the quantized one's
+        self.float_inputs = method in ("awq", "w8a8")
+        self.calib_dtype = calib_dtype  # bfloat16: layer forwards under autocast, statistics and solves in fp32
+
+    def forwards(self, device: torch.device):
+        """Context for the layer forwards: autocast to calib_dtype (weights stay fp32), else nothing."""
+        if self.calib_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.calib_dtype, cache_enabled=False)  # no cache: weights change
 
     def collector(self, n_in: int, device: torch.device):
         if self.method == "gptq":
@@ -193,64 +211,75 @@ class LayerQuantizer:
         return None  # rtn, int8: data-free
 
     @torch.no_grad()
-    def quantize_layer(self, layer: nn.Module, linears: dict[str, nn.Module], owner: dict[str, str],
-                       stats: dict[str, object], is_decoder_layer: bool) -> tuple[dict[str, QuantizedWeight], dict]:
-        """Quantize the layer's target Linears in place (dequantized weights written back); returns codes + detail."""
+    def quantize_group(self, layer: nn.Module, names: list[str], linears: dict[str, nn.Module], stat,
+                       done: dict[str, QuantizedWeight], is_decoder_layer: bool = True
+                       ) -> tuple[dict[str, QuantizedWeight], dict, torch.Tensor | None]:
+        """Quantize the target Linears `names` that read one input (stat: its collector; None when data-free),
+        in place (dequantized weights written back). AWQ/SmoothQuant first fold their per-input-channel scales s
+        into the op before; when that op is a Linear of this layer already quantized (in `done`), its codes stay
+        and only its row scales (and bias) are divided by s. Returns (codes, detail, s or None): with s, the
+        group's input tensor is now x / s."""
         detail: dict = {}
-        in_scale: dict[str, torch.Tensor] = {}  # AWQ: per-input-channel scale folded into each Linear
-        if self.method in ("awq", "w8a8") and is_decoder_layer:
-            for group in scale_groups(layer, self.config):
-                targets = [n for n in group.linears if n in linears]
-                if not targets:
-                    continue
-                st = stats[owner[targets[0]]]
-                weights = [layer.get_submodule(n).weight for n in group.linears]
-                if self.method == "w8a8":
-                    s = smooth_scales(st.amax, weights, self.qargs.smoothquant_alpha)
-                else:
-                    tw = [linears[n].weight for n in targets]
-                    s, alpha, loss, rtn_loss = awq_mod.search_scales(st.tokens(), st.mean_abs(), tw, self.qargs)
-                    detail[group.prev] = {"alpha": alpha, "loss_vs_rtn": loss / rtn_loss if rtn_loss > 0 else 1.0}
-                fold_scales(layer, group, s)
-                for n in group.linears:
-                    in_scale[n] = s
-        out = self._gptq_shared(linears, owner, stats) if self.method == "gptq" else {}
-        for name, lin in linears.items():
-            w = lin.weight.detach().float()  # [out, in]
-            if name in out:
-                qw = out[name]
-            elif self.method == "awq":
-                gram = stats[owner[name]].gram_blocks()  # [G, gs, gs] of the unscaled input
-                if name in in_scale:  # the Linear now reads x / s
-                    s = in_scale[name].view(gram.shape[0], -1)  # [G, gs]
-                    gram = gram / (s.unsqueeze(2) * s.unsqueeze(1))
-                qw = awq_mod.awq_quantize(w, gram, self.qargs)
-            elif self.method == "w8a8":
-                qw = w8a8_quantize(w, self.qargs)
-            else:  # rtn, int8 (int8 = RTN at 8 bits per channel)
-                qw = rtn_quantize(w, self.qargs)
+        s = None
+        group = _scale_group(layer, self.config, names[0]) if self.method in ("awq", "w8a8") and is_decoder_layer \
+            else None
+        if group is not None:
+            if self.method == "w8a8":
+                s = smooth_scales(stat.amax, [layer.get_submodule(n).weight for n in group.linears],
+                                  self.qargs.smoothquant_alpha)
+            else:
+                s, alpha, loss, rtn_loss = awq_mod.search_scales(stat.tokens(), stat.mean_abs(),
+                                                                 [linears[n].weight for n in names], self.qargs)
+                detail[group.prev] = {"alpha": alpha, "loss_vs_rtn": loss / rtn_loss if rtn_loss > 0 else 1.0}
+            fold_scales(layer, group, s)
+            if group.prev in done:  # rows of a quantized Linear / s: same codes, scales / s
+                prev = done[group.prev]
+                sc = s.to(prev.scales.device)
+                prev.scales = prev.scales / sc.to(prev.scales.dtype).unsqueeze(1)
+                if prev.bias is not None:
+                    prev.bias = prev.bias / sc.to(prev.bias.dtype)
+        if self.method == "gptq":
+            out = self._gptq_stacked(names, linears, stat.hessian())
+        else:
+            out = {}
+            for name in names:
+                w = linears[name].weight.detach().float()  # [out, in]
+                if self.method == "awq":
+                    gram = stat.gram_blocks()  # [G, gs, gs] of the unscaled input
+                    if s is not None:  # the Linear now reads x / s
+                        sg = s.view(gram.shape[0], -1)  # [G, gs]
+                        gram = gram / (sg.unsqueeze(2) * sg.unsqueeze(1))
+                    out[name] = awq_mod.awq_quantize(w, gram, self.qargs)
+                elif self.method == "w8a8":
+                    out[name] = w8a8_quantize(w, self.qargs)
+                else:  # rtn, int8 (int8 = RTN at 8 bits per channel)
+                    out[name] = rtn_quantize(w, self.qargs)
+        for name, qw in out.items():
+            lin = linears[name]
             qw.bias = None if lin.bias is None else lin.bias.detach().clone()
             lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             out[name] = _to_cpu(qw)  # codes wait for the writer in host memory, not on the device
-        return out, detail
+        return out, detail, s
 
-    def _gptq_shared(self, linears: dict[str, nn.Module], owner: dict[str, str], stats: dict[str, object]
-                     ) -> dict[str, QuantizedWeight]:
+    def _gptq_stacked(self, names: list[str], linears: dict[str, nn.Module], hessian: torch.Tensor
+                      ) -> dict[str, QuantizedWeight]:
         """GPTQ of Linears sharing an input as ONE stacked matrix: rows are independent given H, so stacking
         q/k/v (gate/up) gives the same codes with one factorisation and one column loop instead of three."""
+        w = torch.cat([linears[n].weight.detach().float() for n in names])  # [Σout, in]
+        qw = gptq_quantize(w, hessian, self.qargs)
         out: dict[str, QuantizedWeight] = {}
-        for own in dict.fromkeys(owner.values()):
-            names = [n for n in linears if owner[n] == own]
-            w = torch.cat([linears[n].weight.detach().float() for n in names])  # [Σout, in]
-            qw = gptq_quantize(w, stats[own].hessian(), self.qargs)
-            start = 0
-            for n in names:
-                rows = slice(start, start + linears[n].out_features)
-                start = rows.stop
-                out[n] = QuantizedWeight(qw.qweight[rows].clone(), qw.scales[rows].clone(), qw.zeros[rows].clone(),
-                                         None if qw.g_idx is None else qw.g_idx.clone(), qw.bits, qw.group_size,
-                                         qw.sym)
+        start = 0
+        for n in names:
+            rows = slice(start, start + linears[n].out_features)
+            start = rows.stop
+            out[n] = QuantizedWeight(qw.qweight[rows].clone(), qw.scales[rows].clone(), qw.zeros[rows].clone(),
+                                     None if qw.g_idx is None else qw.g_idx.clone(), qw.bits, qw.group_size, qw.sym)
         return out
+
+
+def _scale_group(layer: nn.Module, config, first: str) -> ScaleGroup | None:
+    """The foldable group whose Linears include `first` (None: nothing precedes it that can take a scale)."""
+    return next((g for g in scale_groups(layer, config) if first in g.linears), None)
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
@@ -278,12 +307,27 @@ def _restore(linears: dict[str, nn.Module], saved: dict[str, torch.Tensor]) -> N
             linears[name].weight.copy_(w)
 
 
+@dataclass(slots=True)
+class _LayerWork:
+    """One decoder layer as both strategies see it."""
+
+    index: int
+    layer: nn.Module
+    linears: dict[str, nn.Module]  # target Linears by name relative to the layer
+    owner: dict[str, str]  # Linear → the Linear whose collector (input) it shares
+    n_check: int  # leading batches on which the output error is measured
+    last: bool  # nothing reads this layer's outputs but the check
+
+
 @torch.no_grad()
 def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs, is_target: Callable[[str], bool],
-                   device: torch.device, progress: ProgressFn | None = None, batch_size: int = 8) -> PipelineResult:
+                   device: torch.device, progress: ProgressFn | None = None, batch_size: int = 4,
+                   staged: bool | None = None, calib_dtype: torch.dtype | None = None) -> PipelineResult:
     """Quantize every targeted Linear of `model` (on the CPU, modified in place) layer by layer on `device`.
 
     input_ids [N, L] calibration windows. Returns the codes of every quantized Linear by full module name.
+    staged: None = GPTQ in sublayer-sequential passes where the layer is Llama-shaped; False = the generic
+    two-pass strategy everywhere (tests compare the two). calib_dtype: see LayerQuantizer.
     """
     t_start = time.perf_counter()
     decoder, layers, prefix = decoder_layers(model)
@@ -292,11 +336,12 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
     n, seq_len = input_ids.shape
     batches = capture_inputs(model, input_ids, batch_size, device)
     n_check = max(1, math.ceil(min(n, max(1, CHECK_TOKENS // seq_len)) / batch_size))  # batches checked
-    lq = LayerQuantizer(method, qargs, config, n * seq_len)
+    lq = LayerQuantizer(method, qargs, config, n * seq_len, calib_dtype)
     head = model.get_output_embeddings()
     head_name = next((nm for nm, m in model.named_modules() if m is head), None)
     quant_head = head_name is not None and is_target(head_name)
     total = len(layers) + int(quant_head)
+    use_staged = staged is not False and shared and method == "gptq"
     qweights: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
     for i, layer in enumerate(layers):
@@ -304,65 +349,17 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
         layer.to(device)
         lp = f"{prefix}.{i}."
         linears = {nm: m for nm, m in layer.named_modules() if isinstance(m, nn.Linear) and is_target(lp + nm)}
-        owner = _owners(list(linears), shared)
-        stats = {nm: lq.collector(linears[nm].in_features, device) for nm in set(owner.values())}
-        collect = {nm: linears[nm] for nm, st in stats.items() if st is not None}
-
-        def run(fn: Callable[[int, torch.Tensor], None], limit: int | None = None, _layer=layer) -> None:
-            for b, (x, kw) in enumerate(batches[:limit]):
-                fn(b, _layer_out(_layer(x, **kw)))
-
-        float_out: list[torch.Tensor] = []
-
-        def keep_float(b: int, y: torch.Tensor, _i=i) -> None:
-            _check_finite(y, f"decoder layer {_i}")
-            if b < n_check:
-                float_out.append(y)
-
-        order: list[str] = []  # collectors in call order, learned on the first (checked, full) batch
-
-        def gather(nm: str, x: torch.Tensor) -> None:
-            stats[nm].add(x)
-            if nm not in order:
-                order.append(nm)
-
-        with _hooks(collect, gather):
-            run(keep_float, n_check)
-            if collect and len(batches) > n_check:
-                # past the checked batches only the collectors' inputs matter: stop the forward right after
-                # the last collector has seen its input (Llama: skips down_proj's matmul and the residual)
-                with _hooks({order[-1]: collect[order[-1]]}, _stop):
-                    for x, kw in batches[n_check:]:
-                        with contextlib.suppress(_Stop):
-                            layer(x, **kw)
-
-        rtn_meter = _ErrorMeter()
-        if method != "rtn":  # RTN itself is the reference: its error ratio is 1 by definition
-            saved = _rtn_reference(linears, qargs)
-            with act_quant_hooks(linears) if lq.act_bits else contextlib.nullcontext():
-                run(lambda b, y: rtn_meter.add(y, float_out[b]), n_check)
-            _restore(linears, saved)
-
-        qw, detail = lq.quantize_layer(layer, linears, owner, stats, is_decoder_layer=True)
-        stats.clear()  # free Hessians before the next layer
+        work = _LayerWork(i, layer, linears, _owners(list(linears), shared), n_check,
+                          last=i == len(layers) - 1 and not quant_head)
+        if use_staged and i == 0:
+            use_staged = _SublayerStages.fits(layer, batches[0])
+        strategy = _staged_layer if use_staged else _two_pass_layer
+        with lq.forwards(device):
+            qw, detail, error, rtn_error = strategy(work, batches, lq)
         qweights.update({lp + nm: w for nm, w in qw.items()})
-
-        meter = _ErrorMeter()
-
-        def advance(b: int, y: torch.Tensor, _i=i) -> None:
-            _check_finite(y, f"quantized decoder layer {_i}")
-            if b < n_check:
-                meter.add(y, float_out[b])
-            batches[b] = (y, batches[b][1])
-
-        last = i == len(layers) - 1 and not quant_head  # nothing reads its outputs but the check
-        with act_quant_hooks(linears) if lq.act_bits else contextlib.nullcontext():
-            run(advance, n_check if last else None)
-        if method == "rtn":
-            rtn_meter = meter
         if device.type != "cpu":
             layer.to("cpu")  # only one layer on the device at a time
-        reports.append(LayerReport(f"layer {i}", meter.value, rtn_meter.value, time.perf_counter() - t0, detail))
+        reports.append(LayerReport(f"layer {i}", error, rtn_error, time.perf_counter() - t0, detail))
         if progress:
             progress(i + 1, total)
 
@@ -376,6 +373,190 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
     if device.type != "cpu":
         model.to("cpu")
     return PipelineResult(qweights, reports, time.perf_counter() - t_start)
+
+
+def _rtn_error(work: _LayerWork, batches, float_out: list[torch.Tensor], lq: LayerQuantizer) -> float:
+    """Relative output error of the same layer with RTN weights on the check batches (the reference column)."""
+    meter = _ErrorMeter()
+    saved = _rtn_reference(work.linears, lq.qargs)
+    with act_quant_hooks(work.linears) if lq.act_bits else contextlib.nullcontext():
+        for (x, kw), ref in zip(batches, float_out, strict=False):
+            meter.add(_layer_out(work.layer(x, **kw)), ref)
+    _restore(work.linears, saved)
+    return meter.value
+
+
+def _two_pass_layer(work: _LayerWork, batches, lq: LayerQuantizer
+                    ) -> tuple[dict[str, QuantizedWeight], dict, float, float]:
+    """Any decoder layer: one float forward gathers every collector's input, all groups are quantized, one
+    quantized forward produces the next layer's inputs. Returns (codes, detail, error, RTN error)."""
+    layer, linears, owner, n_check = work.layer, work.linears, work.owner, work.n_check
+    device = batches[0][0].device
+    stats = {nm: lq.collector(linears[nm].in_features, device) for nm in dict.fromkeys(owner.values())}
+    collect = {nm: linears[nm] for nm, st in stats.items() if st is not None}
+    float_out: list[torch.Tensor] = []
+    order: list[str] = []  # collectors in call order, learned on the first (checked, full) batch
+
+    def gather(nm: str, x: torch.Tensor) -> None:
+        with _exact(device):
+            stats[nm].add(x)
+        if nm not in order:
+            order.append(nm)
+
+    float_next = lq.float_inputs and not work.last
+    next_inputs: list[torch.Tensor] = []  # float_next: outputs of the unchecked batches
+    with _hooks(collect, gather):
+        for b, (x, kw) in enumerate(batches[:n_check]):
+            float_out.append(_layer_out(layer(x, **kw)))
+            _check_finite(float_out[-1], f"decoder layer {work.index}")
+        if float_next:  # the next layer calibrates on this float layer's outputs (set once the checks are done)
+            for x, kw in batches[n_check:]:
+                next_inputs.append(_layer_out(layer(x, **kw)))
+                _check_finite(next_inputs[-1], f"decoder layer {work.index}")
+        elif collect and len(batches) > n_check:
+            # past the checked batches only the collectors' inputs matter: stop the forward right after
+            # the last collector has seen its input (Llama: skips down_proj's matmul and the residual)
+            with _hooks({order[-1]: collect[order[-1]]}, _stop):
+                for x, kw in batches[n_check:]:
+                    with contextlib.suppress(_Stop):
+                        layer(x, **kw)
+    rtn_error = _rtn_error(work, batches, float_out, lq) if lq.method != "rtn" else float("nan")
+
+    codes: dict[str, QuantizedWeight] = {}
+    detail: dict = {}
+    for own, st in stats.items():
+        names = [nm for nm in linears if owner[nm] == own]
+        with _exact(device):
+            qw, d, _ = lq.quantize_group(layer, names, linears, st, codes)
+        codes.update(qw)
+        detail.update(d)
+    stats.clear()  # free Hessians before the next layer
+
+    meter = _ErrorMeter()
+    with act_quant_hooks(linears) if lq.act_bits else contextlib.nullcontext():
+        for b, (x, kw) in enumerate(batches[:n_check] if work.last or float_next else batches):
+            y = _layer_out(layer(x, **kw))
+            _check_finite(y, f"quantized decoder layer {work.index}")
+            if b < n_check:
+                meter.add(y, float_out[b])
+            if not float_next:
+                batches[b] = (y, kw)
+    if float_next:
+        for b, y in enumerate(float_out + next_inputs):
+            batches[b] = (y, batches[b][1])
+    return codes, detail, meter.value, rtn_error if lq.method != "rtn" else meter.value
+
+
+class _SublayerStages:
+    """A Llama-style decoder layer cut at the inputs of its Linear groups:
+        x → input_layernorm → [q k v] → attention → [o] → + x = h → post_attention_layernorm → [gate up]
+          → act(gate)·up → [down] → + h = y
+    Each piece is the layer's own module, so the float function is the layer's (checked on real inputs)."""
+
+    GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    @classmethod
+    def fits(cls, layer: nn.Module, batch: tuple[torch.Tensor, dict]) -> bool:
+        """Has the parts, and the staged float forward equals layer(x) on a calibration batch."""
+        names = {nm for nm, _ in layer.named_modules()}
+        if not {"input_layernorm", "post_attention_layernorm", *(n for g in cls.GROUPS for n in g)} <= names:
+            return False
+        x, kw = batch
+        stages = cls(layer)
+        ref = _layer_out(layer(x, **kw))
+        h = x + layer.self_attn.o_proj(stages.o_input(x, kw))
+        y = h + layer.mlp.down_proj(stages.down_input(h))
+        return bool((y - ref).float().norm() <= 1e-3 * ref.float().norm())
+
+    def qkv_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.input_layernorm(x)
+
+    def o_input(self, x: torch.Tensor, kw: dict) -> torch.Tensor:
+        """Attention output before o_proj [B, L, heads·head_dim]."""
+        return self._capture(self.layer.self_attn.o_proj,
+                             lambda: self.layer.self_attn(hidden_states=self.qkv_input(x), **kw))
+
+    def gate_up_input(self, h: torch.Tensor) -> torch.Tensor:
+        return self.layer.post_attention_layernorm(h)
+
+    def down_input(self, h: torch.Tensor) -> torch.Tensor:
+        """act(gate(·))·up(·) [B, L, intermediate]."""
+        return self._capture(self.layer.mlp.down_proj, lambda: self.layer.mlp(self.gate_up_input(h)))
+
+    @staticmethod
+    def _capture(mod: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+
+        def grab(_n: str, x: torch.Tensor) -> None:
+            seen.append(x)
+            raise _Stop
+
+        with _hooks({"": mod}, grab), contextlib.suppress(_Stop):
+            run()
+        return seen[0]
+
+
+KEEP_MLP_BYTES = 1 << 30  # keep down_proj's inputs between its statistics and its forward up to this size
+
+
+def _staged_layer(work: _LayerWork, batches, lq: LayerQuantizer
+                  ) -> tuple[dict[str, QuantizedWeight], dict, float, float]:
+    """GPTQ, true-sequential inside the layer: each Linear group's Hessian is gathered on inputs that already
+    went through the quantized groups before it, and every piece of the layer runs once per batch (the two-pass
+    strategy runs the layer twice). Kept per batch between pieces: the attention output, h, and down_proj's
+    input while it fits KEEP_MLP_BYTES (else recomputed). Returns (codes, detail, error, RTN error)."""
+    layer, linears, owner, n_check = work.layer, work.linears, work.owner, work.n_check
+    device = batches[0][0].device
+    float_out = [_layer_out(layer(x, **kw)) for x, kw in batches[:n_check]]
+    for y in float_out:
+        _check_finite(y, f"decoder layer {work.index}")
+    rtn_error = _rtn_error(work, batches, float_out, lq)
+    stages = _SublayerStages(layer)
+    codes: dict[str, QuantizedWeight] = {}
+
+    def calibrate(group: tuple[str, ...], inputs: Iterator[torch.Tensor]) -> None:
+        """Feed every batch's input of this group to its collector, then quantize the group."""
+        names = [nm for nm in group if nm in linears]
+        st = lq.collector(linears[owner[names[0]]].in_features, device) if names else None
+        for x in inputs:  # walked even without targets: the caller keeps what the generator produces
+            if st is not None:
+                with _exact(device):
+                    st.add(x)
+        if st is not None:
+            with _exact(device):
+                codes.update(lq.quantize_group(layer, [nm for nm in linears if owner[nm] == owner[names[0]]],
+                                               linears, st, codes)[0])
+
+    g_qkv, g_o, g_gu, g_down = _SublayerStages.GROUPS
+    calibrate(g_qkv, (stages.qkv_input(x) for x, _ in batches))
+    zs: list[torch.Tensor | None] = []
+    calibrate(g_o, (zs.append(stages.o_input(x, kw)) or zs[-1] for x, kw in batches))
+    hs: list[torch.Tensor] = []
+    for b, z in enumerate(zs):
+        zs[b] = None  # free as we go
+        hs.append(batches[b][0] + layer.self_attn.o_proj(z))
+    calibrate(g_gu, (stages.gate_up_input(h) for h in hs))
+    tokens = sum(h.numel() for h in hs) // hs[0].shape[-1]
+    keep = tokens * layer.mlp.down_proj.in_features * hs[0].element_size() <= KEEP_MLP_BYTES
+    us: list[torch.Tensor] = []
+    calibrate(g_down, ((us.append(u) if keep else None) or u for u in map(stages.down_input, hs)))
+    meter = _ErrorMeter()
+    for b, h in enumerate(hs[:n_check] if work.last else hs):
+        y = h + layer.mlp.down_proj(us[b] if keep else stages.down_input(h))
+        _check_finite(y, f"quantized decoder layer {work.index}")
+        if b < n_check:
+            meter.add(y, float_out[b])
+        batches[b] = (y, batches[b][1])
+    return codes, {}, meter.value, rtn_error
+
+
+def _exact(device: torch.device):
+    """Statistics, solves and folds run in fp32 whatever the forwards' autocast."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _quantize_head(model, decoder, head: nn.Linear, head_name: str, batches, lq: LayerQuantizer, n_check: int,
@@ -402,7 +583,7 @@ def _quantize_head(model, decoder, head: nn.Linear, head_name: str, batches, lq:
         for x, r in zip(check, ref, strict=True):
             rtn_meter.add(head(x), r)
     _restore(linears, saved)
-    qw, _ = lq.quantize_layer(head, linears, {"": ""}, {"": st}, is_decoder_layer=False)
+    qw, _, _ = lq.quantize_group(head, [""], linears, st, {}, is_decoder_layer=False)
     with act_quant_hooks(linears) if lq.act_bits else contextlib.nullcontext():
         for x, r in zip(check, ref, strict=True):
             meter.add(head(x), r)

@@ -42,6 +42,16 @@ def _hessian(x):
     return acc.hessian()
 
 
+def test_hessian_blocks_match_float64():
+    """The upper-block-row accumulation mirrored into a full H equals 2·XᵀX/n in float64 (uneven last block)."""
+    torch.manual_seed(0)
+    x = torch.randn(700, 600) * torch.linspace(0.1, 3, 600)  # 600 = 2 full 256-blocks + 88
+    h = _hessian(x)
+    ref = 2 * x.double().t() @ x.double() / x.shape[0]
+    assert torch.equal(h, h.t())
+    assert (h.double() - ref).abs().max() / ref.abs().max() < 1e-6
+
+
 def _out_err(x, w, wq):
     return ((x.double() @ (w.double() - wq.double()).t()) ** 2).sum().item()
 

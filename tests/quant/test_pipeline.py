@@ -97,3 +97,90 @@ def test_unchecked_batches_stop_early_with_identical_codes(tiny_model_dir, data,
     for name, w in early.qweights.items():
         assert torch.equal(w.qweight, full.qweights[name].qweight), name
         assert torch.equal(w.scales, full.qweights[name].scales), name
+
+
+def _quantize(path, calib, method, qargs, ignore=(), **kw):
+    model = load_model(ModelSpec(str(path), "cpu", "float32")).model
+    res = quantize_model(model, calib, method, qargs, target_filter(model, ["Linear"], list(ignore)), CPU,
+                         batch_size=8, **kw)
+    return res, model
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen2_dir"])
+def test_staged_gptq_matches_layer_and_beats_rtn(request, data, fixture):
+    """The sublayer cut reproduces the float layer; true-sequential GPTQ is as good as the two-pass one."""
+    from llmopt.quant.pipeline import _SublayerStages, capture_inputs
+
+    path = request.getfixturevalue(fixture)
+    calib, test = data
+    model = load_model(ModelSpec(str(path), "cpu", "float32")).model
+    batch = capture_inputs(model, calib[:4], 4, CPU)[0]
+    assert _SublayerStages.fits(model.model.layers[0], batch)
+    qargs = QuantArgs(bits=4, group_size=32)
+    base = load_model(ModelSpec(str(path), "cpu", "float32")).model
+    kld = {}
+    for staged in (None, False):
+        res, m = _quantize(path, calib, "gptq", qargs, staged=staged)
+        assert all(r.error < r.rtn_error for r in res.layers)
+        kld[staged] = measure_quality(m, test % m.config.vocab_size, base).kld_mean
+    assert kld[None] <= 1.15 * kld[False]
+
+
+def test_staged_recomputes_mlp_inputs_identically(tiny_model_dir, data, monkeypatch):
+    """down_proj's inputs kept between its Hessian and its forward, or recomputed: same codes, same outputs."""
+    import llmopt.quant.pipeline as pipeline
+
+    calib, _ = data
+    kept, _ = _quantize(tiny_model_dir, calib, "gptq", QuantArgs(bits=4, group_size=32))
+    monkeypatch.setattr(pipeline, "KEEP_MLP_BYTES", 0)
+    recomputed, _ = _quantize(tiny_model_dir, calib, "gptq", QuantArgs(bits=4, group_size=32))
+    for name, w in kept.qweights.items():
+        assert torch.equal(w.qweight, recomputed.qweights[name].qweight), name
+    assert [r.error for r in kept.layers] == [r.error for r in recomputed.layers]
+
+
+@pytest.mark.parametrize("method,sym", [("gptq", True), ("awq", False), ("w8a8", True), ("rtn", True)])
+def test_written_back_weights_are_the_codes(tiny_qwen2_dir, data, method, sym):
+    """Every quantized Linear computes with exactly its codes' dequantized weight, also after AWQ/SmoothQuant
+    folded a later group's scales into it (v→o, up→down divide the row scales of a quantized Linear)."""
+    calib, _ = data
+    bits = 8 if method == "w8a8" else 4
+    res, model = _quantize(tiny_qwen2_dir, calib, method, QuantArgs(bits=bits, group_size=-1 if bits == 8 else 32,
+                                                                  sym=sym))
+    for name, qw in res.qweights.items():
+        lin = model.get_submodule(name)
+        torch.testing.assert_close(lin.weight, qw.dequantize(lin.weight.dtype), rtol=1e-5, atol=1e-7, msg=name)
+        if lin.bias is not None:
+            torch.testing.assert_close(lin.bias, qw.bias, msg=name)
+
+
+@pytest.mark.parametrize("method,sequential", [("awq", False), ("w8a8", False), ("gptq", True)])
+def test_which_model_each_method_calibrates_on(tiny_model_dir, data, method, sequential):
+    """AWQ/SmoothQuant calibrate layer 1 on the float model's activations (codes independent of whether layer 0
+    is quantized); GPTQ on the quantized model's (codes change)."""
+    calib, _ = data
+    qargs = QuantArgs(bits=8 if method == "w8a8" else 4, group_size=-1 if method == "w8a8" else 32,
+                      sym=method != "awq")
+    both, _ = _quantize(tiny_model_dir, calib, method, qargs)
+    only1, _ = _quantize(tiny_model_dir, calib, method, qargs, ignore=("re:.*layers\\.0\\..*",))
+    name = "model.layers.1.mlp.down_proj"
+    assert "model.layers.0.mlp.down_proj" not in only1.qweights
+    same = torch.equal(both.qweights[name].qweight, only1.qweights[name].qweight)
+    assert same != sequential
+
+
+def test_bf16_calibration_keeps_fp32_statistics(tiny_model_dir, data):
+    """--calib-dtype bfloat16: forwards under autocast, yet GPTQ still beats RTN in every layer and lands
+    near the fp32 calibration (the Hessians and solves are fp32)."""
+    calib, test = data
+    base = load_model(ModelSpec(str(tiny_model_dir), "cpu", "float32")).model
+    qargs = QuantArgs(bits=4, group_size=32)
+    kld, codes = {}, {}
+    for dt in (None, torch.bfloat16):
+        res, m = _quantize(tiny_model_dir, calib, "gptq", qargs, calib_dtype=dt)
+        assert all(r.error < r.rtn_error for r in res.layers)
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+        kld[dt] = measure_quality(m, test % m.config.vocab_size, base).kld_mean
+        codes[dt] = res.qweights
+    assert kld[torch.bfloat16] <= 1.3 * kld[None]
+    assert any(not torch.equal(w.qweight, codes[None][n].qweight) for n, w in codes[torch.bfloat16].items())
