@@ -6,15 +6,19 @@ here with llmopt's calibration loader, handed to llm-compressor as a tokenized d
 windows llmopt used is checked against them). llmopt's AWQ time is reported on the same samples.
 
 Models: a random Llama of ≥100M parameters (timing; its KLD means little) and a trained model
-(default builtin:tiny) for the KLD comparison. KLD/top-1 are measured here on the builtin test split:
-llmopt's checkpoint through llmopt's runtime, llm-compressor's through plain transformers + compressed-tensors.
+(default builtin:tiny) for the KLD comparison. KLD/top-1 are measured here on the builtin test split,
+every checkpoint (llm-compressor's too) through llmopt's runtime pinned to fp32 dequantized weights.
 
 llm-compressor pins transformers <=5.17, so it lives in its own venv (created on first use):
     python -m venv /work/venvs/llmcompressor
     /work/venvs/llmcompressor/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
 
-Both tools are bound by the same fp32 GEMMs (per layer: the float forward that gathers statistics, the
-Hessian XᵀX, the quantized forward that feeds the next layer); see the README for the measured figures.
+Both tools are bound by fp32 GEMMs. Per layer llm-compressor runs a float forward that gathers the
+Hessians (one per Linear), then a quantized forward that feeds the next layer; llmopt runs the layer once,
+sublayer by sublayer (true-sequential), one Hessian per shared input, built from its upper block rows.
+llmopt's default --calib-dtype auto runs the forwards of an fp32 model under bf16 autocast where bf16 is fast
+(Hessians and solves stay fp32); `llmopt gptq fp32-calib` is the same run with --calib-dtype model (all
+fp32, like llm-compressor here). See the README for the measured figures.
 
 Usage: python bench/quant_speed.py [--samples 64] [--seq-len 256] [--repeats 1] [--skip-llmc]
 """
@@ -131,7 +135,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
     from llmopt.calibration import DataSpec, load_token_batch
     from llmopt.models import ModelSpec, load_model, resolve_path
@@ -157,7 +160,8 @@ def main() -> None:
         save_file({"input_ids": calib.input_ids.contiguous()}, str(ids_file))
         common = [str(path), "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--no-evaluate",
                   "--device", "cpu", "--overwrite", "--json"]
-        runs: dict[str, list[float]] = {"llmopt gptq": [], "llmopt awq": [], "llm-compressor gptq": []}
+        runs: dict[str, list[float]] = {"llmopt gptq": [], "llmopt gptq fp32-calib": [], "llmopt awq": [],
+                                        "llm-compressor gptq": []}
         outs = {k: args.work / f"{kind}-{k.replace(' ', '-')}" for k in runs}
         for _ in range(args.repeats):
             wall, text = timed([sys.executable, "-m", "llmopt", "quantize", *common, "--method", "gptq",
@@ -166,6 +170,10 @@ def main() -> None:
             meta = json.loads((outs["llmopt gptq"] / "llmopt.json").read_text())
             assert meta["calibration"]["sha256"] == calib.sha256, "llmopt used other calibration windows"
             runs["llmopt gptq"].append(wall)
+            wall, _ = timed([sys.executable, "-m", "llmopt", "quantize", *common, "--method", "gptq",
+                             "--act-order", "--static-groups", "--group-size", "128", "--calib-dtype", "model",
+                             "--out", str(outs["llmopt gptq fp32-calib"])], env)
+            runs["llmopt gptq fp32-calib"].append(wall)
             wall, _ = timed([sys.executable, "-m", "llmopt", "quantize", *common, "--method", "awq",
                              "--group-size", "128", "--out", str(outs["llmopt awq"])], env)
             runs["llmopt awq"].append(wall)
@@ -176,11 +184,12 @@ def main() -> None:
                 runs["llm-compressor gptq"].append(wall)
                 print(f"[{kind}] llm-compressor: {next(ln for ln in text.splitlines() if 'LLMC_TIMES' in ln)}")
         eval_ids = load_token_batch(DataSpec("builtin"), tok, args.eval_samples, args.seq_len, 0, "test").input_ids
-        loaders = {"llmopt gptq": lambda: load_model(ModelSpec(str(outs["llmopt gptq"]), "cpu", "float32")).model,
-                   "llmopt awq": lambda: load_model(ModelSpec(str(outs["llmopt awq"]), "cpu", "float32")).model}
-        if runs["llm-compressor gptq"]:
-            loaders["llm-compressor gptq"] = lambda: AutoModelForCausalLM.from_pretrained(
-                outs["llm-compressor gptq"], dtype=torch.float32).eval()
+        # every checkpoint through the same loader and the same math: llmopt's runtime pinned to its fp32
+        # dequantize-then-matmul kernel, so the KLDs compare the algorithms, not kernels (transformers 5.24 with
+        # compressed-tensors 0.20 cannot load asymmetric pack-quantized checkpoints, llm-compressor's included)
+        os.environ["LLMOPT_KERNEL"] = "dequant"
+        loaders = {k: (lambda k=k: load_model(ModelSpec(str(outs[k]), "cpu", "float32")).model)
+                   for k, walls in runs.items() if walls}
         q = quality(path, loaders, eval_ids)
         for name, walls in runs.items():
             if walls:

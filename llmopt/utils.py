@@ -121,3 +121,15 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
 
 def write_json(path: Path, obj: object) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU with AVX512-BF16/AMX (oneDNN's check;
+    2.2–2.7× fp32 on the dev machine). A torch build without the private probe counts as no."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+

@@ -54,9 +54,9 @@ def quantize(
     device: Device = "auto",
     dtype: Dtype = "auto",
     calib_dtype: Annotated[str, typer.Option(
-        "--calib-dtype", help="Calibration forwards: model (the loaded dtype, exact) or bfloat16 (autocast; "
-                              "weights, statistics and solves stay fp32; faster where bf16 is fast, a little "
-                              "less accurate: see README).")] = "model",
+        "--calib-dtype", help="Calibration forwards: auto (bf16 autocast for an fp32 model where bf16 is fast, "
+                              "else the model's dtype), model, or bfloat16. Weights, Hessians, statistics and "
+                              "solves stay fp32.")] = "auto",
     trust_remote_code: TrustRemoteCode = False,
     revision: Revision = None,
     seed: Seed = 0,

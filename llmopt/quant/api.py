@@ -57,7 +57,7 @@ class QuantizeArgs:
     eval_seq_len: int = 256
     device: str = "auto"
     dtype: str = "auto"
-    calib_dtype: str = "model"  # model | bfloat16 (forwards under autocast)
+    calib_dtype: str = "auto"  # auto | model | bfloat16: dtype of the calibration forwards (autocast)
     trust_remote_code: bool = False
     revision: str | None = None
     seed: int = 0
@@ -85,8 +85,8 @@ class QuantizeArgs:
             self.sym = self.method != "awq"
         if eight and not self.sym:
             raise LlmoptError(f"--method {self.method} is symmetric INT8: drop --asym")
-        if self.calib_dtype not in ("model", "bfloat16"):
-            raise LlmoptError(f"--calib-dtype must be model or bfloat16, got {self.calib_dtype!r}")
+        if self.calib_dtype not in ("auto", "model", "bfloat16"):
+            raise LlmoptError(f"--calib-dtype must be auto, model or bfloat16, got {self.calib_dtype!r}")
         if self.static_groups and not self.act_order:
             raise LlmoptError("--static-groups only matters with --act-order: add --act-order or drop it")
         for name in ("samples", "seq_len", "eval_samples", "eval_seq_len", "block_size", "awq_grid"):
@@ -274,9 +274,17 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
 
 
 def _calib_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the calibration forwards, or None to run them in the model's own dtype."""
-    if name == "model" or model_dtype == torch.bfloat16:
+    """The autocast dtype of the calibration forwards, or None to run them in the model's own dtype.
+
+    auto: bfloat16 for a float32 model where bf16 matmuls are fast. Measured on two trained models over 4-5
+    calibration seeds each, the GPTQ and AWQ KLDs equal the fp32-calibrated ones (the Hessians, statistics
+    and solves stay fp32; only the activations feeding them pass through bf16 matmuls)."""
+    from llmopt.utils import fast_bf16
+
+    if name == "model" or model_dtype != torch.float32:
         return None
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise LlmoptError("--calib-dtype bfloat16: this GPU has no bfloat16 support; use --calib-dtype model")
     return torch.bfloat16

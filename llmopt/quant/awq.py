@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from llmopt.quant.rtn import fake_quantize, params_from_range, rtn_quantize
 from llmopt.quant.types import QuantArgs, QuantizedWeight
+from llmopt.utils import fast_bf16
 
 SEARCH_TOKENS = 2048  # tokens kept for the scale search (the clip search uses every token through Gram blocks)
 TRI_BLOCKS = 4  # row blocks of the triangular sample factor in the scale search
@@ -80,13 +81,7 @@ def ranking_dtype(device: torch.device) -> torch.dtype:
     or AMX: 2.2× fp32 here), else float32. The losses only rank the grid: bf16 inputs with fp32 accumulation move
     a loss by <0.1% relative, so a pick can only change between grid points whose true losses are that close
     (tested against float64); AutoAWQ ranks its grid in fp16 on GPUs."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:  # a private op: a torch build without it gets float32
-        fast = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        fast = False
-    return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if fast_bf16(device) else torch.float32
 
 
 def _row_blocks(r: torch.Tensor, triangular: bool) -> list[tuple[torch.Tensor, int]]:

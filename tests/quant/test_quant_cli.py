@@ -19,6 +19,7 @@ def _leftovers(parent, name):
 
 
 @pytest.mark.parametrize("method,extra", [("gptq", ["--group-size", "32", "--act-order", "--static-groups"]),
+                                          ("gptq", ["--group-size", "32", "--calib-dtype", "model"]),
                                           ("w8a8", ["--smoothquant-alpha", "0.6"])])
 def test_quantize_end_to_end(tiny_model_dir, tmp_path, method, extra):
     out = tmp_path / "q"
@@ -63,6 +64,7 @@ def nan_model(tiny_model_dir, tmp_path):
     ("awq-bits", ["--method", "awq", "--bits", "8"], "does not support --bits 8"),
     ("short", ["--samples", "100000"], "fewer than"),
     ("method", ["--method", "nf4"], "unknown --method"),
+    ("calib-dtype", ["--calib-dtype", "float16"], "--calib-dtype must be auto, model or bfloat16"),
 ])
 def test_bad_input_exits_2_and_leaves_nothing(tiny_model_dir, tmp_path, case, args, message):
     out = tmp_path / "q"
@@ -102,3 +104,19 @@ def test_existing_and_unwritable_out(tiny_model_dir, tmp_path):
 def test_unknown_backend(tiny_model_dir, tmp_path):
     r = runner.invoke(app, ["quantize", str(tiny_model_dir), "--out", str(tmp_path / "q"), "--backend", "nope", *FAST])
     assert r.exit_code == 2 and "backend" in r.output
+
+
+def test_calib_dtype_resolution():
+    """auto = bf16 autocast only for an fp32 model where bf16 matmuls are fast; model = never; a bf16 model
+    needs no autocast."""
+    import torch
+
+    from llmopt.quant.api import _calib_dtype
+    from llmopt.utils import fast_bf16
+
+    cpu = torch.device("cpu")
+    assert _calib_dtype("auto", torch.float32, cpu) == (torch.bfloat16 if fast_bf16(cpu) else None)
+    assert _calib_dtype("model", torch.float32, cpu) is None
+    assert _calib_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+    assert _calib_dtype("bfloat16", torch.bfloat16, cpu) is None
+
