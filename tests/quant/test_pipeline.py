@@ -184,3 +184,24 @@ def test_bf16_calibration_keeps_fp32_statistics(tiny_model_dir, data):
         codes[dt] = res.qweights
     assert kld[torch.bfloat16] <= 1.3 * kld[None]
     assert any(not torch.equal(w.qweight, codes[None][n].qweight) for n, w in codes[torch.bfloat16].items())
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_sublayer_cut_fits_qwen3_and_mistral(tiny_model_dir, tmp_path, family):
+    """Qwen3 (q/k norms inside attention) and Mistral (a sliding window shorter than the sequence) cut the same
+    way; staged GPTQ beats RTN in every layer there too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen3Config
+
+    from llmopt.quant.pipeline import _SublayerStages, capture_inputs
+
+    common = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    cfg = Qwen3Config(**common, head_dim=32) if family == "qwen3" else MistralConfig(**common, sliding_window=16)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / family)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / family)
+    ids = torch.randint(0, 1024, (16, 64))
+    model = load_model(ModelSpec(str(tmp_path / family), "cpu", "float32")).model
+    assert _SublayerStages.fits(model.model.layers[0], capture_inputs(model, ids[:4], 4, CPU)[0])
+    res, _ = _quantize(tmp_path / family, ids, "gptq", QuantArgs(bits=4, group_size=32))
+    assert all(r.error < r.rtn_error for r in res.layers)
