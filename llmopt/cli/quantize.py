@@ -78,8 +78,8 @@ def quantize(
         block_size=block_size, act_order=act_order, static_groups=static_groups, smoothquant_alpha=smoothquant_alpha,
         awq_grid=awq_grid, awq_clip=awq_clip, targets=targets or ["Linear"], ignore=ignore or [], evaluate=evaluate,
         eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device, dtype=dtype,
-        calib_dtype=calib_dtype, trust_remote_code=trust_remote_code, revision=revision, seed=seed, overwrite=overwrite, backend=backend,
-        backend_python=backend_python)
+        calib_dtype=calib_dtype, trust_remote_code=trust_remote_code, revision=revision, seed=seed,
+        overwrite=overwrite, backend=backend, backend_python=backend_python)
     result = run_quantize(args, progress=not json_out)
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))

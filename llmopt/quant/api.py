@@ -285,7 +285,7 @@ def _calib_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> t
         return None
     if name == "auto":
         return torch.bfloat16 if fast_bf16(device) else None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not fast_bf16(device):
         raise LlmoptError("--calib-dtype bfloat16: this GPU has no bfloat16 support; use --calib-dtype model")
     return torch.bfloat16
 

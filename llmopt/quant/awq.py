@@ -111,7 +111,8 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
         s = x_mean.clamp(min=1e-4).pow(alpha)  # [in]
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 in log space
         d = (_rtn_fake(w * s, args) / s - w).to(dt)  # [O, in] weight error of this α
-        loss = sum(F.linear(d[:, c:], rb).float().pow(2).sum().item() for rb, c in blocks) / denom  # [O, b] each
+        # one [O, b] product per row block of r
+        loss = sum(F.linear(d[:, c:], rb).float().pow(2).sum().item() for rb, c in blocks) / denom
         if k == 0:
             rtn_loss = loss
         if loss < best[2]:

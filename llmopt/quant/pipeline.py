@@ -213,12 +213,11 @@ class LayerQuantizer:
     @torch.no_grad()
     def quantize_group(self, layer: nn.Module, names: list[str], linears: dict[str, nn.Module], stat,
                        done: dict[str, QuantizedWeight], is_decoder_layer: bool = True
-                       ) -> tuple[dict[str, QuantizedWeight], dict, torch.Tensor | None]:
+                       ) -> tuple[dict[str, QuantizedWeight], dict]:
         """Quantize the target Linears `names` that read one input (stat: its collector; None when data-free),
         in place (dequantized weights written back). AWQ/SmoothQuant first fold their per-input-channel scales s
         into the op before; when that op is a Linear of this layer already quantized (in `done`), its codes stay
-        and only its row scales (and bias) are divided by s. Returns (codes, detail, s or None): with s, the
-        group's input tensor is now x / s."""
+        and only its row scales (and bias) are divided by s. Returns (codes, detail)."""
         detail: dict = {}
         s = None
         group = _scale_group(layer, self.config, names[0]) if self.method in ("awq", "w8a8") and is_decoder_layer \
@@ -242,13 +241,15 @@ class LayerQuantizer:
             out = self._gptq_stacked(names, linears, stat.hessian())
         else:
             out = {}
+            gram = None
+            if self.method == "awq":
+                gram = stat.gram_blocks()  # [G, gs, gs] of the unscaled input, shared by the group
+                if s is not None:  # the Linears now read x / s
+                    sg = s.view(gram.shape[0], -1)  # [G, gs]
+                    gram = gram / (sg.unsqueeze(2) * sg.unsqueeze(1))
             for name in names:
                 w = linears[name].weight.detach().float()  # [out, in]
                 if self.method == "awq":
-                    gram = stat.gram_blocks()  # [G, gs, gs] of the unscaled input
-                    if s is not None:  # the Linear now reads x / s
-                        sg = s.view(gram.shape[0], -1)  # [G, gs]
-                        gram = gram / (sg.unsqueeze(2) * sg.unsqueeze(1))
                     out[name] = awq_mod.awq_quantize(w, gram, self.qargs)
                 elif self.method == "w8a8":
                     out[name] = w8a8_quantize(w, self.qargs)
@@ -259,7 +260,7 @@ class LayerQuantizer:
             qw.bias = None if lin.bias is None else lin.bias.detach().clone()
             lin.weight.copy_(qw.dequantize(lin.weight.dtype))
             out[name] = _to_cpu(qw)  # codes wait for the writer in host memory, not on the device
-        return out, detail, s
+        return out, detail
 
     def _gptq_stacked(self, names: list[str], linears: dict[str, nn.Module], hessian: torch.Tensor
                       ) -> dict[str, QuantizedWeight]:
@@ -420,14 +421,14 @@ def _two_pass_layer(work: _LayerWork, batches, lq: LayerQuantizer
                 for x, kw in batches[n_check:]:
                     with contextlib.suppress(_Stop):
                         layer(x, **kw)
-    rtn_error = _rtn_error(work, batches, float_out, lq) if lq.method != "rtn" else float("nan")
+    rtn_error = _rtn_error(work, batches, float_out, lq) if lq.method != "rtn" else None  # RTN: itself
 
     codes: dict[str, QuantizedWeight] = {}
     detail: dict = {}
     for own, st in stats.items():
         names = [nm for nm in linears if owner[nm] == own]
         with _exact(device):
-            qw, d, _ = lq.quantize_group(layer, names, linears, st, codes)
+            qw, d = lq.quantize_group(layer, names, linears, st, codes)
         codes.update(qw)
         detail.update(d)
     stats.clear()  # free Hessians before the next layer
@@ -444,7 +445,7 @@ def _two_pass_layer(work: _LayerWork, batches, lq: LayerQuantizer
     if float_next:
         for b, y in enumerate(float_out + next_inputs):
             batches[b] = (y, batches[b][1])
-    return codes, detail, meter.value, rtn_error if lq.method != "rtn" else meter.value
+    return codes, detail, meter.value, meter.value if rtn_error is None else rtn_error
 
 
 class _SublayerStages:
@@ -583,7 +584,7 @@ def _quantize_head(model, decoder, head: nn.Linear, head_name: str, batches, lq:
         for x, r in zip(check, ref, strict=True):
             rtn_meter.add(head(x), r)
     _restore(linears, saved)
-    qw, _, _ = lq.quantize_group(head, [""], linears, st, {}, is_decoder_layer=False)
+    qw, _ = lq.quantize_group(head, [""], linears, st, {}, is_decoder_layer=False)
     with act_quant_hooks(linears) if lq.act_bits else contextlib.nullcontext():
         for x, r in zip(check, ref, strict=True):
             meter.add(head(x), r)
