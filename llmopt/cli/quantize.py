@@ -84,9 +84,11 @@ def quantize(
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
-    from llmopt.quant.report import layer_table, summary_table
+    from llmopt.quant.report import layer_table, moe_table, summary_table
 
     if result.layers:
         console.print(layer_table(result))
+    if moe_table(result) is not None:
+        console.print(moe_table(result))
     console.print(summary_table(result))
     console.print(f"wrote {result.out}")

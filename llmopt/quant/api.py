@@ -125,6 +125,7 @@ class QuantizeResult:
     metrics: dict  # float / quantized quality, sizes on disk
     evaluated_with: str | None  # "runtime": the written checkpoint reloaded through llmopt's runtime
     quantized_modules: int
+    moe: dict | None = None  # MoE models: experts split per expert, routers kept float, routed tokens per layer
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,16 +140,20 @@ def _match(name: str, module: nn.Module, pattern: str) -> bool:
 
 
 def target_filter(model, targets: list[str], ignore: list[str]) -> Callable[[str], bool]:
-    """Module name → quantize it? Linears matching a target and no ignore pattern. The output head is kept
-    float unless a target names it (a class name such as Linear does not count)."""
+    """Module name → quantize it? Linears matching a target and no ignore pattern. The output head and MoE
+    routers (e.g. Qwen2-MoE's shared_expert_gate) are kept float unless a target names them (a class name such
+    as Linear does not count)."""
+    from llmopt.families import moe
+
     modules = dict(model.named_modules())
     head = model.get_output_embeddings()
+    routers = set(moe.router_names(model))
 
     def is_target(name: str) -> bool:
         mod = modules.get(name)
         if not isinstance(mod, nn.Linear) or any(_match(name, mod, p) for p in ignore):
             return False
-        if mod is head:
+        if mod is head or name in routers:
             return any(p != type(mod).__name__ and _match(name, mod, p) for p in targets)
         return any(_match(name, mod, p) for p in targets)
 
@@ -203,6 +208,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         return run_backend(args, progress)
 
     from llmopt.calibration import DataSpec, load_token_batch
+    from llmopt.families.moe import unfuse_experts
     from llmopt.models import ModelSpec, load_model
     from llmopt.quant import formats
     from llmopt.quant.pipeline import check_finite_weights, quantize_model
@@ -221,6 +227,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
     loaded = load_model(ModelSpec(args.model, "cpu", dtype_name(dtype), args.trust_remote_code, args.revision))
     model, tokenizer = loaded.model, loaded.tokenizer
     check_finite_weights(model)
+    unfused = unfuse_experts(model)  # MoE: fused 3-D expert tensors → per-expert Linears every method quantizes
     is_target = target_filter(model, args.targets, args.ignore)
     names = _check_shapes(model, is_target, qargs)
     timings["load"] = time.perf_counter() - t
@@ -259,8 +266,9 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
             timings["evaluate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_all
         layers = [r.to_dict() for r in result.layers]
+        moe_info = _moe_summary(model, unfused, layers)
         res = QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
-                             metrics, evaluated_with, len(names))
+                             metrics, evaluated_with, len(names), moe_info)
         from llmopt import __version__
 
         write_json(tmp / "llmopt.json", {
@@ -269,8 +277,25 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
             "method": args.method, "format": args.format, "args": args.to_dict(), "quant_args": asdict(qargs),
             "calibration": calibration, "timings": timings, "layers": layers, "metrics": metrics,
             "evaluated_with": evaluated_with, "quantized_modules": len(names), "ignored_modules": ignored,
+            "moe": moe_info,
         })
     return res
+
+
+def _moe_summary(model, unfused: list[str], layers: list[dict]) -> dict | None:
+    """What happened to the experts: which fused modules were split, the float routers, and per decoder layer the
+    tokens routed to each expert during calibration (every expert got statistics from all tokens)."""
+    if not unfused:
+        return None
+    from llmopt.families.moe import router_names
+
+    routing = {r["name"]: r["detail"]["moe"] for r in layers if "moe" in r.get("detail", {})}
+    starved = sum(len(b["starved"]) for rep in routing.values() for b in rep["blocks"].values())
+    return {"unfused_experts": unfused, "float_routers": router_names(model), "routing": routing,
+            "starved_experts": starved,
+            "starved_treatment": "every expert ran on every calibration token for its statistics (GPTQ Hessians, "
+                                 "AWQ/SmoothQuant activation statistics), routed or not; layer outputs used the "
+                                 "true routing"}
 
 
 def _calib_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype | None:

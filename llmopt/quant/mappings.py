@@ -7,8 +7,10 @@ by s, which leaves the float function unchanged:
                                                         feeds several o columns, which then need one scale)
   post_attention_layernorm → gate_proj, up_proj
   mlp.up_proj              → down_proj                 (up rows / s: act(gate)·up is linear in up)
-Llama, Mistral, Qwen2 and Qwen3 share these names and a plain-weight RMSNorm; other families are refused
-by the methods that need this (GPTQ and RTN need no mapping).
+Llama, Mistral, Qwen2 and Qwen3 share these names and a plain-weight RMSNorm; so do the attention parts of
+Mixtral, Qwen2-MoE and Qwen3-MoE, whose MoE blocks map as families/moe.py says (norm → every expert's gate and
+up, the shared expert's and the routers'; per expert up → down). Other families are refused by the methods
+that need this (GPTQ and RTN need no mapping).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch
 from torch import nn
 
 from llmopt.errors import LlmoptError
+from llmopt.families import moe
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +45,11 @@ def scale_groups(layer: nn.Module, config) -> list[ScaleGroup]:
     o = layer.get_submodule("self_attn.o_proj")
     if v.out_features == o.in_features:
         groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)))
-    groups += [ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-               ScaleGroup("mlp.up_proj", ("mlp.down_proj",))]
-    return groups
+    moe_groups = moe.scale_groups(layer, config)
+    if moe_groups:
+        return groups + [ScaleGroup(prev, readers) for prev, readers in moe_groups]
+    return groups + [ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+                     ScaleGroup("mlp.up_proj", ("mlp.down_proj",))]
 
 
 @torch.no_grad()
@@ -58,6 +63,6 @@ def fold_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
             prev.bias.div_(s.to(prev.bias.dtype))
     else:  # RMSNorm: y = x̂ · weight
         prev.weight.div_(s.to(prev.weight.dtype))
-    for name in group.linears:
+    for name in group.linears:  # Linears, and MoE routers ([experts, in] weights kept float)
         lin = layer.get_submodule(name)
-        lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))  # [out, in] columns
+        lin.weight.mul_(s.to(device=lin.weight.device, dtype=lin.weight.dtype).unsqueeze(0))  # [out, in] columns

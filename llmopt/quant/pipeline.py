@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from llmopt.errors import LlmoptError
+from llmopt.families import moe
 from llmopt.quant import awq as awq_mod
 from llmopt.quant.gptq import HessianAccumulator, gptq_quantize
 from llmopt.quant.mappings import SUPPORTED_MODEL_TYPES, ScaleGroup, fold_scales, scale_groups
@@ -149,13 +150,12 @@ def act_quant_hooks(modules: dict[str, nn.Module]):
     return _hooks(modules, lambda _n, x: fake_quantize_activations(x, 8))
 
 
-def _owners(names: list[str], shared: bool) -> dict[str, str]:
-    """Linear name → name of the Linear whose collector it shares (itself unless a sibling reads the same input)."""
+def _owners(names: list[str], shared: bool, moe_groups: list[tuple[str, ...]] = ()) -> dict[str, str]:
+    """Linear name → name of the Linear whose collector it shares (itself unless a sibling reads the same input).
+    moe_groups: the experts (and shared expert) of each MoE block, which all read the block input."""
     owner = {n: n for n in names}
-    if not shared:
-        return owner
     present = set(names)
-    for group in _SHARED_INPUTS:
+    for group in (*(_SHARED_INPUTS if shared else ()), *moe_groups):
         members = [m for m in group if m in present]
         for m in members[1:]:
             owner[m] = members[0]
@@ -333,6 +333,9 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
     t_start = time.perf_counter()
     decoder, layers, prefix = decoder_layers(model)
     config = model.config
+    if moe.fused_experts(model):
+        raise LlmoptError("the model still holds fused MoE experts: call llmopt.families.moe.unfuse_experts(model) "
+                          "before target_filter and quantize_model")
     shared = getattr(config, "model_type", "") in SUPPORTED_MODEL_TYPES
     n, seq_len = input_ids.shape
     batches = capture_inputs(model, input_ids, batch_size, device)
@@ -350,11 +353,12 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
         layer.to(device)
         lp = f"{prefix}.{i}."
         linears = {nm: m for nm, m in layer.named_modules() if isinstance(m, nn.Linear) and is_target(lp + nm)}
-        work = _LayerWork(i, layer, linears, _owners(list(linears), shared), n_check,
+        owners = _owners(list(linears), shared, moe.shared_input_groups(layer, config))
+        work = _LayerWork(i, layer, linears, owners, n_check,
                           last=i == len(layers) - 1 and not quant_head)
         if use_staged and i == 0:
             use_staged = _SublayerStages.fits(layer, batches[0])
-        strategy = _staged_layer if use_staged else _two_pass_layer
+        strategy = _staged_layer if use_staged and not moe.moe_blocks(layer, config) else _two_pass_layer
         with lq.forwards(device):
             qw, detail, error, rtn_error = strategy(work, batches, lq)
         qweights.update({lp + nm: w for nm, w in qw.items()})
@@ -406,7 +410,8 @@ def _two_pass_layer(work: _LayerWork, batches, lq: LayerQuantizer
 
     float_next = lq.float_inputs and not work.last
     next_inputs: list[torch.Tensor] = []  # float_next: outputs of the unchecked batches
-    with _hooks(collect, gather):
+    # MoE: every expert sees every token here (statistics), the outputs keep the true routing
+    with _hooks(collect, gather), moe.routing_calibration(layer, lq.config) as routing:
         for b, (x, kw) in enumerate(batches[:n_check]):
             float_out.append(_layer_out(layer(x, **kw)))
             _check_finite(float_out[-1], f"decoder layer {work.index}")
@@ -425,6 +430,9 @@ def _two_pass_layer(work: _LayerWork, batches, lq: LayerQuantizer
 
     codes: dict[str, QuantizedWeight] = {}
     detail: dict = {}
+    if routing is not None:
+        detail["moe"] = routing.report(sum(x.shape[0] * x.shape[1] for x, _ in batches),
+                                       getattr(lq.config, "num_experts_per_tok", None))
     for own, st in stats.items():
         names = [nm for nm in linears if owner[nm] == own]
         with _exact(device):

@@ -47,3 +47,18 @@ def layer_table(res: QuantizeResult) -> Table:
         t.add_row(layer["name"], f"{layer['error']:.3e}", f"{layer['rtn_error']:.3e}", f"{layer['vs_rtn']:.3f}",
                   f"{layer['seconds']:.2f} s")
     return t
+
+
+def moe_table(res: QuantizeResult) -> Table | None:
+    """Tokens routed to each expert during calibration, per MoE layer, and how starved experts were treated."""
+    if not res.moe or not res.moe["routing"]:
+        return None
+    t = Table(title="MoE calibration: tokens routed to each expert", title_justify="left")
+    for col in ("layer", "tokens × top-k", "routed per expert", "starved"):
+        t.add_column(col, justify="left" if col in ("layer", "routed per expert") else "right")
+    for layer, rep in res.moe["routing"].items():
+        for block, b in rep["blocks"].items():
+            t.add_row(f"{layer} {block}", f"{rep['tokens']} × {rep['top_k']}", " ".join(map(str, b["routed_tokens"])),
+                      ",".join(map(str, b["starved"])) or "none")
+    t.caption = f"statistics: {res.moe['starved_treatment']}; routers kept float"
+    return t

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from llmopt.errors import LlmoptError
+from llmopt.families import moe
 from llmopt.runtime.linear import QuantLinear, build_linear, clear_kernel_cache
 
 
@@ -36,6 +37,10 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
         delattr(float_config, "quantization_config")
     with init_empty_weights(include_buffers=False):  # params on meta; buffers such as rotary tables stay real
         model = AutoModelForCausalLM.from_config(float_config, dtype=dtype)
+    moe.unfuse_experts(model)  # per-expert Linears, as the checkpoint stores experts
+    ours = moe.internal_renamer(config)
+    qweights = {ours(n): qw for n, qw in qweights.items()}
+    others = {ours(k): t for k, t in others.items()}
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     unknown = sorted(set(qweights) - linears)
     if unknown:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from llmopt.errors import LlmoptError
+from llmopt.families import moe
 from llmopt.quant.formats import _io, awq, compressed_tensors, gptq
 from llmopt.quant.types import FORMATS, QuantArgs, QuantizedWeight
 
@@ -35,23 +36,29 @@ def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, Quant
     Quantized Linears are stored in the format's layout; every other tensor of `model` as it is.
     `ignore` (the user's patterns) only explains the float Linears: the config lists the exact names of the
     Linears that stayed float, derived from `model` and `qweights`, which every loader matches unambiguously.
+    Names are the family's hub names: MoE experts per expert as transformers' save_pretrained writes them, and
+    the routers listed among the float modules.
     """
     module = _format(fmt)
     module.check_supported(method, quant_args)
     if not qweights:
         raise LlmoptError("no Linear layer was quantized: check --ignore/--targets patterns")
     out = Path(out)
-    unquantized = _io.unquantized_linears(model, qweights)
-    tensors = _io.plain_tensors(model, qweights)
+    hub = moe.hub_renamer(model.config)
+    float_modules = _io.unquantized_linears(model, qweights)
+    float_modules += [r for r in moe.router_names(model) if r not in float_modules]
+    unquantized = [hub(n) for n in float_modules]
+    tensors = {hub(k): t for k, t in _io.plain_tensors(model, qweights).items()}
     scale_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for name, qw in qweights.items():
         if fmt == "compressed-tensors":
-            tensors.update(module.module_tensors(name, qw, scale_dtype))
+            tensors.update(module.module_tensors(hub(name), qw, scale_dtype))
         else:
-            tensors.update(module.module_tensors(name, qw))
+            tensors.update(module.module_tensors(hub(name), qw))
         bias = _io.linear_bias(model, name, qw)
         if bias is not None:
-            tensors[f"{name}.bias"] = bias  # original dtype: every loader casts biases to its compute dtype
+            tensors[f"{hub(name)}.bias"] = bias  # original dtype: every loader casts biases to its compute dtype
+    qweights = {hub(n): qw for n, qw in qweights.items()}
     if fmt == "compressed-tensors":
         qc = module.quantization_config(qweights, unquantized)
     elif fmt == "gptq":
