@@ -84,11 +84,12 @@ def quantize(
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
-    from llmopt.quant.report import layer_table, moe_table, summary_table
+    from llmopt.quant.report import kinds_table, layer_table, moe_table, summary_table
 
     if result.layers:
         console.print(layer_table(result))
-    if moe_table(result) is not None:
-        console.print(moe_table(result))
+    for table in (moe_table(result), kinds_table(result)):
+        if table is not None:
+            console.print(table)
     console.print(summary_table(result))
     console.print(f"wrote {result.out}")

@@ -222,7 +222,7 @@ def router_names(model: nn.Module) -> list[str]:
     lay = layout(model.config)
     if lay is None:
         return []
-    blocks = [n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, UnfusedExperts)]
+    blocks = [n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, UnfusedExperts) or _is_fused(m)]
     have = dict(model.named_modules())
     return [f"{b}.{r}" for b in blocks for r in lay.routers if f"{b}.{r}" in have]
 

@@ -126,6 +126,7 @@ class QuantizeResult:
     evaluated_with: str | None  # "runtime": the written checkpoint reloaded through llmopt's runtime
     quantized_modules: int
     moe: dict | None = None  # MoE models: experts split per expert, routers kept float, routed tokens per layer
+    parameters: dict = field(default_factory=dict)  # kind → {total, targeted, quantized} parameter counts
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -209,6 +210,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
 
     from llmopt.calibration import DataSpec, load_token_batch
     from llmopt.families.moe import unfuse_experts
+    from llmopt.quant.accounting import check_all_targeted_quantized
     from llmopt.models import ModelSpec, load_model
     from llmopt.quant import formats
     from llmopt.quant.pipeline import check_finite_weights, quantize_model
@@ -230,6 +232,8 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
     unfused = unfuse_experts(model)  # MoE: fused 3-D expert tensors → per-expert Linears every method quantizes
     is_target = target_filter(model, args.targets, args.ignore)
     names = _check_shapes(model, is_target, qargs)
+    by_kind = _kind_counter(model, is_target, args)
+    check_all_targeted_quantized(by_kind(set(names)))  # before the long part: nothing targeted may stay float
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -247,6 +251,9 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
                                 calib_dtype=_calib_dtype(args.calib_dtype, dtype, device))
     timings["quantize"] = result.seconds
     ignored = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.qweights]
+    kinds = by_kind(set(result.qweights))
+    check_all_targeted_quantized(kinds)
+    parameters = {k: c.to_dict() for k, c in kinds.items()}
 
     calibration = {"source": calib.source, "split": calib.split, "samples": args.samples, "seq_len": args.seq_len,
                    "seed": calib.seed, "sha256": calib.sha256}
@@ -268,7 +275,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         layers = [r.to_dict() for r in result.layers]
         moe_info = _moe_summary(model, unfused, layers)
         res = QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
-                             metrics, evaluated_with, len(names), moe_info)
+                             metrics, evaluated_with, len(names), moe_info, parameters)
         from llmopt import __version__
 
         write_json(tmp / "llmopt.json", {
@@ -277,9 +284,19 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
             "method": args.method, "format": args.format, "args": args.to_dict(), "quant_args": asdict(qargs),
             "calibration": calibration, "timings": timings, "layers": layers, "metrics": metrics,
             "evaluated_with": evaluated_with, "quantized_modules": len(names), "ignored_modules": ignored,
-            "moe": moe_info,
+            "moe": moe_info, "parameters_by_kind": parameters,
         })
     return res
+
+
+def _kind_counter(model, is_target: Callable[[str], bool], args: QuantizeArgs):
+    """quantized Linear names → parameter counts by kind (see quant/accounting.py) for this run's targets."""
+    from llmopt.quant.accounting import count_by_kind
+
+    def is_ignored(name: str, module: nn.Module) -> bool:
+        return any(_match(name, module, p) for p in args.ignore)
+
+    return lambda quantized: count_by_kind(model, quantized, is_target, is_ignored, "Linear" in args.targets)
 
 
 def _moe_summary(model, unfused: list[str], layers: list[dict]) -> dict | None:

@@ -333,9 +333,6 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
     t_start = time.perf_counter()
     decoder, layers, prefix = decoder_layers(model)
     config = model.config
-    if moe.fused_experts(model):
-        raise LlmoptError("the model still holds fused MoE experts: call llmopt.families.moe.unfuse_experts(model) "
-                          "before target_filter and quantize_model")
     shared = getattr(config, "model_type", "") in SUPPORTED_MODEL_TYPES
     n, seq_len = input_ids.shape
     batches = capture_inputs(model, input_ids, batch_size, device)

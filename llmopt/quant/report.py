@@ -62,3 +62,17 @@ def moe_table(res: QuantizeResult) -> Table | None:
                       ",".join(map(str, b["starved"])) or "none")
     t.caption = f"statistics: {res.moe['starved_treatment']}; routers kept float"
     return t
+
+
+def kinds_table(res: QuantizeResult) -> Table | None:
+    """Quantized / targeted / total parameters per kind (attention, MLP, experts, routers, embeddings, head)."""
+    if not res.parameters:
+        return None
+    t = Table(title="parameters by kind", title_justify="left")
+    for col in ("kind", "quantized", "targeted", "total", "quantized / total"):
+        t.add_column(col, justify="left" if col == "kind" else "right")
+    for kind, c in res.parameters.items():
+        if c["total"]:
+            t.add_row(kind, f"{c['quantized']:,}", f"{c['targeted']:,}", f"{c['total']:,}",
+                      f"{c['quantized'] / c['total']:.1%}")
+    return t

@@ -72,6 +72,9 @@ def test_every_method_quantizes_every_expert(moe_dirs, tmp_path_factory, family,
     targeted = _targeted_weights(family)
     quantized = sum(n for name, n in targeted.items() if name in qweights)
     assert quantized >= 0.95 * sum(targeted.values()), (quantized, sum(targeted.values()))
+    kinds = res.parameters  # the run's own accounting agrees: every expert weight quantized
+    assert kinds["experts"]["quantized"] == kinds["experts"]["total"] > 0
+    assert kinds["attention"]["quantized"] == kinds["attention"]["targeted"] > 0
     block = "block_sparse_moe" if family == "mixtral" else "mlp"
     down = "w2" if family == "mixtral" else "down_proj"
     assert f"model.layers.1.{block}.experts.3.{down}" in qweights  # the hub's per-expert layout
@@ -108,3 +111,22 @@ def test_transformers_loads_compressed_tensors_moe(moe_dirs, tmp_path_factory, f
         drift = (float_model(ids).logits - ref).abs().max()
     assert torch.allclose(exact, ref, rtol=0, atol=1e-4 * ref.abs().max()), (exact - ref).abs().max()
     assert drift > 1e-3  # transformers really runs the quantized experts, not float ones
+
+
+def test_experts_left_fused_is_an_error_not_a_silent_float_run(moe_dirs, tmp_path, monkeypatch):
+    """Without the split (as before issue 12) the experts would stay float: the run refuses before calibrating,
+    unless the user ignores them on purpose."""
+    from llmopt.errors import LlmoptError
+
+    monkeypatch.setattr(moe, "unfuse_experts", lambda model: [])
+    args = dict(model=str(moe_dirs["mixtral"]), method="rtn", group_size=32, samples=4, seq_len=32, evaluate=False,
+                device="cpu")
+    with pytest.raises(LlmoptError, match="targeted experts weights would stay float"):
+        quantize(QuantizeArgs(out=tmp_path / "a", **args), progress=False)
+    assert not (tmp_path / "a").exists()
+    monkeypatch.undo()  # experts split as usual, but float on purpose: written per expert, reloaded by the runtime
+    args["evaluate"] = True
+    res = quantize(QuantizeArgs(out=tmp_path / "b", ignore=["re:.*experts.*"], eval_samples=2, eval_seq_len=32,
+                                **args), progress=False)
+    assert res.parameters["experts"]["quantized"] == res.parameters["experts"]["targeted"] == 0
+    assert res.evaluated_with == "runtime" and math.isfinite(res.metrics["quantized"]["kld_mean"])
