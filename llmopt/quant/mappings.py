@@ -9,8 +9,13 @@ by s, which leaves the float function unchanged:
   mlp.up_proj              → down_proj                 (up rows / s: act(gate)·up is linear in up)
 Llama, Mistral, Qwen2 and Qwen3 share these names and a plain-weight RMSNorm; so do the attention parts of
 Mixtral, Qwen2-MoE and Qwen3-MoE, whose MoE blocks map as families/moe.py says (norm → every expert's gate and
-up, the shared expert's and the routers'; per expert up → down). Other families are refused by the methods
-that need this (GPTQ and RTN need no mapping).
+up, the shared expert's and the routers'; per expert up → down). DeepSeek-V2/V3's latent attention (MLA)
+maps as llm-compressor maps it:
+  input_layernorm          → q_proj (or q_a_proj), kv_a_proj_with_mqa
+  self_attn.q_a_layernorm  → q_b_proj                  (with a low-rank query)
+  self_attn.kv_a_layernorm → kv_b_proj
+with no v → o fold (kv_b_proj's rows interleave keys and values per head). Other families are refused by the
+methods that need this (GPTQ and RTN need no mapping).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from torch import nn
 from llmopt.errors import LlmoptError
 from llmopt.families import moe
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2",
+                         "deepseek_v3")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,16 +47,30 @@ def scale_groups(layer: nn.Module, config) -> list[ScaleGroup]:
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise LlmoptError(f"scale migration (awq, w8a8) supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not "
                           f"{mtype!r}: use --method gptq or rtn")
-    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
-    v = layer.get_submodule("self_attn.v_proj")
-    o = layer.get_submodule("self_attn.o_proj")
-    if v.out_features == o.in_features:
-        groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)))
+    groups = _mla_groups(layer) if mtype in MLA_MODEL_TYPES else _attention_groups(layer)
     moe_groups = moe.scale_groups(layer, config)
     if moe_groups:
         return groups + [ScaleGroup(prev, readers) for prev, readers in moe_groups]
     return groups + [ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
                      ScaleGroup("mlp.up_proj", ("mlp.down_proj",))]
+
+
+def _attention_groups(layer: nn.Module) -> list[ScaleGroup]:
+    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    v = layer.get_submodule("self_attn.v_proj")
+    o = layer.get_submodule("self_attn.o_proj")
+    if v.out_features == o.in_features:
+        groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)))
+    return groups
+
+
+def _mla_groups(layer: nn.Module) -> list[ScaleGroup]:
+    low_rank_q = getattr(layer.self_attn, "q_a_proj", None) is not None
+    q = "self_attn.q_a_proj" if low_rank_q else "self_attn.q_proj"
+    groups = [ScaleGroup("input_layernorm", (q, "self_attn.kv_a_proj_with_mqa"))]
+    if low_rank_q:
+        groups.append(ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)))
+    return groups + [ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",))]
 
 
 @torch.no_grad()

@@ -38,8 +38,10 @@ from llmopt.quant.smoothquant import ActMaxAccumulator, smooth_scales, w8a8_quan
 from llmopt.quant.types import QuantArgs, QuantizedWeight
 
 CHECK_TOKENS = 1024  # calibration tokens on which each layer's output error is measured
-# siblings that read the very same input tensor in Llama-style layers
-_SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+# siblings that read the very same input tensor in Llama-style layers (and DeepSeek's latent attention)
+_SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
+                  ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
+                  ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"))
 
 ProgressFn = Callable[[int, int], None]  # (layers done, layers total)
 

@@ -191,3 +191,28 @@ def test_starved_expert_is_quantized_from_its_statistics(starved_runs):
     _, res, _ = starved_runs["awq"]
     awq0 = res.layers[0].detail["mlp.experts.0.w3"]  # expert 0's up → down scales were searched, not left at 1
     assert awq0["alpha"] > 0 and awq0["loss_vs_rtn"] < 1
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_scale_groups_fold_exactly_routers_included(family):
+    """Folding any positive scales through every AWQ/SmoothQuant group leaves the float model's logits unchanged:
+    the routers read the scaled norm output too, so their columns must take the scales (float64)."""
+    from llmopt.quant.mappings import fold_scales, scale_groups
+
+    model = moe_model(family, dtype=torch.float64, experts="eager")
+    moe.unfuse_experts(model)
+    ids = _ids()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ref = model(ids).logits
+        for layer in model.model.layers:
+            groups = scale_groups(layer, model.config)
+            for g in groups:
+                n_in = layer.get_submodule(g.linears[0]).weight.shape[1]
+                fold_scales(layer, g, torch.rand(n_in, generator=gen, dtype=torch.float64) * 1.5 + 0.5)
+        out = model(ids).logits
+    assert any("experts" in g.prev for g in groups) and any(g.linears[-1].endswith("gate") for g in groups)
+    # DeepSeek's routers compute in float32 whatever the model dtype: their weights round at 1e-7; a changed
+    # routing would move the logits by ~1e-1
+    tol = 1e-6 if family.startswith("deepseek") else 1e-10
+    assert torch.allclose(out, ref, rtol=0, atol=tol * ref.abs().max()), (out - ref).abs().max()

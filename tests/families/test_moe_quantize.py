@@ -17,7 +17,6 @@ from llmopt.quant.formats import read_checkpoint
 
 FORMAT = {"rtn": "compressed-tensors", "int8": "compressed-tensors", "w8a8": "compressed-tensors", "gptq": "gptq",
           "awq": "awq"}
-SCALE_MIGRATION = ("awq", "w8a8")  # need the family's attention mapping (DeepSeek's MLA: issue 12 item 1)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +61,6 @@ def _targeted_weights(family: str) -> dict[str, int]:
 @pytest.mark.parametrize("method", list(FORMAT))
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_every_method_quantizes_every_expert(moe_dirs, tmp_path_factory, family, method):
-    if family.startswith("deepseek") and method in SCALE_MIGRATION:
-        pytest.skip("AWQ/SmoothQuant need DeepSeek's MLA attention mapping (family registry)")
     res, out = _quantized(moe_dirs, tmp_path_factory, family, method)
     assert res.evaluated_with == "runtime"  # reloaded through llmopt's runtime (per-expert quantized Linears)
     kld = res.metrics["quantized"]["kld_mean"]
