@@ -77,22 +77,24 @@ class UnfusedExperts(nn.ModuleList):
     """The routed experts as a list of ExpertMLPs, called like transformers' fused experts module.
 
     calibrate_all: every expert runs on every token (statistics for all), the output keeps the routed ones.
-    counts: when not None, tokens routed to each expert are added to it ([E] int64)."""
+    counts: when not None, the tokens seen and those routed to each expert are added to it."""
 
     def __init__(self, experts: list[ExpertMLP]) -> None:
         super().__init__(experts)
         self.num_experts = len(experts)
         self.calibrate_all = False
-        self.counts: torch.Tensor | None = None
+        self.counts: ExpertCounts | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         """hidden_states [T, H], top_k_index / top_k_weights [T, K] → Σ_k weight_k · expert_k(x) [T, H]."""
         out = torch.zeros_like(hidden_states)
+        if self.counts is not None:
+            self.counts.tokens += hidden_states.shape[0]
         for j, expert in enumerate(self):
             tok, slot = torch.where(top_k_index == j)  # [t] routed tokens and which of their k picks is j
             if self.counts is not None:
-                self.counts[j] += tok.numel()
+                self.counts.routed[j] += tok.numel()
             if self.calibrate_all:
                 y = expert(hidden_states)[tok]  # [t, H]: every token feeds the statistics, routed ones the output
             elif tok.numel():
@@ -228,19 +230,29 @@ def router_names(model: nn.Module) -> list[str]:
 
 
 @dataclass(slots=True)
+class ExpertCounts:
+    """Tokens one MoE block saw, and how many of them were routed to each expert."""
+
+    routed: torch.Tensor  # [E] int64
+    tokens: int = 0
+
+
+@dataclass(slots=True)
 class RoutingStats:
-    """Tokens routed to each expert during one calibration pass, per MoE block (name relative to the layer)."""
+    """Routing during one calibration pass, per MoE block (name relative to the decoder layer)."""
 
-    counts: dict[str, torch.Tensor] = field(default_factory=dict)  # block → [E] int64
+    blocks: dict[str, ExpertCounts] = field(default_factory=dict)
 
-    def report(self, tokens: int, top_k: int | None) -> dict:
-        """JSON-ready: routed tokens per expert, the starved ones, and how every expert got its statistics."""
+    def report(self, top_k: int | None, statistics: bool) -> dict:
+        """JSON-ready: tokens routed to each expert, the starved ones (none routed), and where each expert's
+        statistics came from (statistics=False: a data-free method, which uses none)."""
         blocks = {}
-        for name, c in self.counts.items():
-            counts = c.tolist()
-            blocks[name] = {"routed_tokens": counts, "starved": [j for j, n in enumerate(counts) if n == 0],
-                            "min": min(counts), "max": max(counts)}
-        return {"tokens": tokens, "top_k": top_k, "statistics": "all tokens through every expert", "blocks": blocks}
+        for name, c in self.blocks.items():
+            routed = c.routed.tolist()
+            blocks[name] = {"tokens": c.tokens, "routed_tokens": routed,
+                            "starved": [j for j, n in enumerate(routed) if n == 0]}
+        how = "all tokens through every expert" if statistics else "none (data-free method)"
+        return {"top_k": top_k, "statistics": how, "blocks": blocks}
 
 
 @contextlib.contextmanager
@@ -251,9 +263,10 @@ def routing_calibration(layer: nn.Module, config) -> Iterator[RoutingStats | Non
     if not blocks:
         yield None
         return
-    stats = RoutingStats({b.name: torch.zeros(b.experts.num_experts, dtype=torch.int64) for b in blocks})
+    stats = RoutingStats({b.name: ExpertCounts(torch.zeros(b.experts.num_experts, dtype=torch.int64))
+                          for b in blocks})
     for b in blocks:
-        b.experts.calibrate_all, b.experts.counts = True, stats.counts[b.name]
+        b.experts.calibrate_all, b.experts.counts = True, stats.blocks[b.name]
     try:
         yield stats
     finally:

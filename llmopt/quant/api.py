@@ -311,8 +311,8 @@ def _moe_summary(model, unfused: list[str], layers: list[dict]) -> dict | None:
     return {"unfused_experts": unfused, "float_routers": router_names(model), "routing": routing,
             "starved_experts": starved,
             "starved_treatment": "every expert ran on every calibration token for its statistics (GPTQ Hessians, "
-                                 "AWQ/SmoothQuant activation statistics), routed or not; layer outputs used the "
-                                 "true routing"}
+                                 "AWQ/SmoothQuant activation statistics), routed to it or not; layer outputs and "
+                                 "the next layer's inputs used the true routing"}
 
 
 def _calib_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype | None:

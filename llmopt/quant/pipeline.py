@@ -240,7 +240,10 @@ class LayerQuantizer:
                 if prev.bias is not None:
                     prev.bias = prev.bias / sc.to(prev.bias.dtype)
         if self.method == "gptq":
-            out = self._gptq_stacked(names, linears, stat.hessian())
+            hessian = stat.hessian()
+            out = {}
+            for chunk in _row_chunks(names, linears):
+                out.update(self._gptq_stacked(chunk, linears, hessian))
         else:
             out = {}
             gram = None
@@ -278,6 +281,23 @@ class LayerQuantizer:
             out[n] = QuantizedWeight(qw.qweight[rows].clone(), qw.scales[rows].clone(), qw.zeros[rows].clone(),
                                      None if qw.g_idx is None else qw.g_idx.clone(), qw.bits, qw.group_size, qw.sym)
         return out
+
+
+STACK_ROWS = 1 << 15  # most rows GPTQ stacks at once: all of an MoE block's experts read one input
+
+
+def _row_chunks(names: list[str], linears: dict[str, nn.Module]) -> list[list[str]]:
+    """Consecutive runs of `names` of at most STACK_ROWS output rows (at least one Linear each): Mixtral-8x7B's
+    16 expert gate/up matrices stacked whole would be a 3.7 GB float32 matrix, copied several times by GPTQ."""
+    chunks: list[list[str]] = [[]]
+    rows = 0
+    for n in names:
+        if chunks[-1] and rows + linears[n].out_features > STACK_ROWS:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(n)
+        rows += linears[n].out_features
+    return chunks
 
 
 def _scale_group(layer: nn.Module, config, first: str) -> ScaleGroup | None:
@@ -430,8 +450,7 @@ def _two_pass_layer(work: _LayerWork, batches, lq: LayerQuantizer
     codes: dict[str, QuantizedWeight] = {}
     detail: dict = {}
     if routing is not None:
-        detail["moe"] = routing.report(sum(x.shape[0] * x.shape[1] for x, _ in batches),
-                                       getattr(lq.config, "num_experts_per_tok", None))
+        detail["moe"] = routing.report(getattr(lq.config, "num_experts_per_tok", None), bool(collect))
     for own, st in stats.items():
         names = [nm for nm in linears if owner[nm] == own]
         with _exact(device):

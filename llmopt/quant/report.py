@@ -54,13 +54,13 @@ def moe_table(res: QuantizeResult) -> Table | None:
     if not res.moe or not res.moe["routing"]:
         return None
     t = Table(title="MoE calibration: tokens routed to each expert", title_justify="left")
-    for col in ("layer", "tokens × top-k", "routed per expert", "starved"):
+    for col in ("layer", "tokens × top-k", "routed per expert", "starved", "statistics"):
         t.add_column(col, justify="left" if col in ("layer", "routed per expert") else "right")
     for layer, rep in res.moe["routing"].items():
         for block, b in rep["blocks"].items():
-            t.add_row(f"{layer} {block}", f"{rep['tokens']} × {rep['top_k']}", " ".join(map(str, b["routed_tokens"])),
-                      ",".join(map(str, b["starved"])) or "none")
-    t.caption = f"statistics: {res.moe['starved_treatment']}; routers kept float"
+            t.add_row(f"{layer} {block}", f"{b['tokens']} × {rep['top_k']}", " ".join(map(str, b["routed_tokens"])),
+                      ",".join(map(str, b["starved"])) or "none", rep["statistics"])
+    t.caption = f"{res.moe['starved_treatment']}; routers kept float"
     return t
 
 

@@ -65,8 +65,8 @@ def test_calibration_runs_every_expert_on_every_token_with_true_routing_output(f
     tokens = ids.numel()
     assert torch.allclose(out, ref, rtol=0, atol=1e-12 * ref.abs().max()), (out - ref).abs().max()
     assert len(seen) == 4 * 3 and set(seen.values()) == {tokens}  # every expert Linear saw every token
-    counts = routing.counts["mlp"]
-    assert int(counts.sum()) == tokens * model.config.num_experts_per_tok
+    counts = routing.blocks["mlp"]
+    assert counts.tokens == tokens and int(counts.routed.sum()) == tokens * model.config.num_experts_per_tok
     assert not layer.mlp.experts.calibrate_all and layer.mlp.experts.counts is None  # restored on exit
 
 
@@ -157,7 +157,8 @@ def starved_runs():
 def test_starved_expert_is_reported_and_gets_a_full_rank_hessian(starved_runs):
     _, res, hessians = starved_runs["gptq"]
     report = res.layers[1].detail["moe"]
-    assert report["tokens"] == 8 * 32 and report["blocks"]["mlp"]["starved"] == [0]
+    assert report["blocks"]["mlp"]["tokens"] == 8 * 32 and report["blocks"]["mlp"]["starved"] == [0]
+    assert report["statistics"] == "all tokens through every expert"
     assert report["blocks"]["mlp"]["routed_tokens"][0] == 0 and sum(report["blocks"]["mlp"]["routed_tokens"]) == 512
     # per layer: q/k/v, o, the experts' gate/up (one input, stacked), then each expert's down_proj alone
     downs = [h for rows, h in hessians if rows == 64][1:5]  # layer 0: o_proj first, then the 4 down_projs
@@ -216,3 +217,23 @@ def test_scale_groups_fold_exactly_routers_included(family):
     # routing would move the logits by ~1e-1
     tol = 1e-6 if family.startswith("deepseek") else 1e-10
     assert torch.allclose(out, ref, rtol=0, atol=tol * ref.abs().max()), (out - ref).abs().max()
+
+
+def test_gptq_stacks_experts_in_row_chunks_with_the_same_codes(monkeypatch):
+    """All experts' gate/up share one Hessian; stacking them in chunks (bounded memory) gives the same codes."""
+    import llmopt.quant.pipeline as pipeline
+
+    calib = _ids(n=4, length=32, seed=3)
+
+    def codes():
+        model = moe_model("qwen3_moe")
+        moe.unfuse_experts(model)
+        return quantize_model(model, calib, "gptq", QuantArgs(bits=4, group_size=32),
+                              target_filter(model, ["Linear"], []), torch.device("cpu"), batch_size=4).qweights
+
+    whole = codes()
+    monkeypatch.setattr(pipeline, "STACK_ROWS", 64)  # one expert Linear per GPTQ call
+    chunked = codes()
+    assert whole.keys() == chunked.keys()
+    for name, w in whole.items():
+        assert torch.equal(w.qweight, chunked[name].qweight) and torch.equal(w.scales, chunked[name].scales), name

@@ -77,7 +77,8 @@ def test_every_method_quantizes_every_expert(moe_dirs, tmp_path_factory, family,
     assert f"model.layers.1.{block}.experts.3.{down}" in qweights  # the hub's per-expert layout
     meta = json.loads((out / "llmopt.json").read_text())
     routing = meta["moe"]["routing"]["layer 1"]
-    assert sum(routing["blocks"]["mlp"]["routed_tokens"]) == routing["tokens"] * routing["top_k"]
+    counts = routing["blocks"]["mlp"]
+    assert counts["tokens"] == 8 * 64 and sum(counts["routed_tokens"]) == 8 * 64 * routing["top_k"]
     assert all(r not in qweights for r in meta["moe"]["float_routers"])
 
 
