@@ -19,6 +19,7 @@ from llmopt.quant.rtn import fake_quantize, params_from_range, rtn_quantize
 from llmopt.quant.types import QuantArgs, QuantizedWeight
 from llmopt.utils import fast_bf16
 
+SEARCH_ROWS = 1 << 14  # weight rows per loss evaluation in the scale search
 SEARCH_TOKENS = 2048  # tokens kept for the scale search (the clip search uses every token through Gram blocks)
 TRI_BLOCKS = 4  # row blocks of the triangular sample factor in the scale search
 CLIP_MAX_SHRINK = 0.5  # smallest ratio tried is 1 - CLIP_MAX_SHRINK·(grid-1)/grid
@@ -98,10 +99,12 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
                   ) -> tuple[torch.Tensor, float, float, float]:
     """x [S, in] sample, x_mean [in], weights [[out_i, in]] → (s [in], α, best loss, loss at α=0 i.e. RTN).
 
-    loss(α) = mean over the sample of (x·Q(W·s)/sᵀ − x·Wᵀ)², computed as ‖r·(Q(W·s)/s − W)ᵀ‖² / (S·out)."""
-    w = torch.cat([wi.float() for wi in weights])  # [O, in]
-    denom = x.shape[0] * w.shape[0]
-    dt = ranking_dtype(w.device)
+    loss(α) = mean over the sample of (x·Q(W·s)/sᵀ − x·Wᵀ)², computed as ‖r·(Q(W·s)/s − W)ᵀ‖² / (S·out).
+    W is never concatenated: its rows are evaluated SEARCH_ROWS at a time (all experts of an MoE block share one
+    search: DeepSeek-V3's 256 experts' gate/up rows would be a 30 GB float32 matrix)."""
+    rows = [wi[i:i + SEARCH_ROWS] for wi in weights for i in range(0, wi.shape[0], SEARCH_ROWS)]  # [≤R, in] views
+    denom = x.shape[0] * sum(wi.shape[0] for wi in weights)
+    dt = ranking_dtype(x.device)
     r = compress_sample(x.float()).to(dt)  # [≤in, in]
     blocks = _row_blocks(r, triangular=x.shape[0] > x.shape[1])
     best = (torch.ones_like(x_mean), 0.0, float("inf"))
@@ -110,14 +113,19 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
         alpha = k / args.awq_grid
         s = x_mean.clamp(min=1e-4).pow(alpha)  # [in]
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 in log space
-        d = (_rtn_fake(w * s, args) / s - w).to(dt)  # [O, in] weight error of this α
-        # one [O, b] product per row block of r
-        loss = sum(F.linear(d[:, c:], rb).float().pow(2).sum().item() for rb, c in blocks) / denom
+        loss = sum(_search_loss(w.float(), s, blocks, dt, args) for w in rows) / denom
         if k == 0:
             rtn_loss = loss
         if loss < best[2]:
             best = (s, alpha, loss)
     return best[0], best[1], best[2], rtn_loss
+
+
+def _search_loss(w: torch.Tensor, s: torch.Tensor, blocks: list[tuple[torch.Tensor, int]], dt: torch.dtype,
+                 args: QuantArgs) -> float:
+    """‖r·(Q(W·s)/s − W)ᵀ‖² for rows w [R, in]: one [R, b] product per row block of r."""
+    d = (_rtn_fake(w * s, args) / s - w).to(dt)  # [R, in] weight error of this α
+    return sum(F.linear(d[:, c:], rb).float().pow(2).sum().item() for rb, c in blocks)
 
 
 def search_clip(w: torch.Tensor, gram: torch.Tensor, args: QuantArgs, chunk: int = 4096) -> torch.Tensor:

@@ -28,7 +28,8 @@ class ActMaxAccumulator:
 
 def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """act_max [in], weights [[out_i, in]] → s [in] (clamped away from 0 so folding stays finite)."""
-    w_max = torch.cat([w.float() for w in weights]).abs().amax(0).clamp(min=1e-5)  # [in]
+    # per weight, never concatenated (an MoE block's experts together can be tens of GB)
+    w_max = torch.stack([w.abs().amax(0).float() for w in weights]).amax(0).clamp(min=1e-5)  # [in]
     s = act_max.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)
     return s.clamp(min=1e-5)
 

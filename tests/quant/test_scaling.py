@@ -172,3 +172,16 @@ def test_awq_bf16_ranking_picks_a_near_best_alpha():
 
         best = min(true_loss(k / 20) for k in range(20))
         assert true_loss(alpha) <= 1.002 * best
+
+
+def test_awq_search_in_row_chunks_gives_the_same_losses(monkeypatch):
+    """The scale search evaluates weight rows in chunks (MoE blocks stack every expert): same α and losses."""
+    monkeypatch.setattr(awq, "ranking_dtype", lambda device: torch.float32)
+    x = _outlier_inputs(d=64, seed=6)[:300]
+    ws = [torch.randn(40, 64), torch.randn(24, 64)]
+    args = QuantArgs(bits=4, group_size=16, sym=False, awq_grid=6)
+    whole = awq.search_scales(x, x.abs().mean(0), ws, args)
+    monkeypatch.setattr(awq, "SEARCH_ROWS", 7)  # chunks that split both weights unevenly
+    chunked = awq.search_scales(x, x.abs().mean(0), ws, args)
+    assert torch.equal(whole[0], chunked[0]) and whole[1] == chunked[1]
+    assert abs(whole[2] - chunked[2]) <= 1e-6 * whole[2] and abs(whole[3] - chunked[3]) <= 1e-6 * whole[3]
