@@ -54,6 +54,9 @@ LAYOUTS: dict[str, MoeLayout] = {
 }
 
 
+_USUAL_ROUTERS = ("gate", "router", "shared_expert_gate")
+
+
 def layout(config) -> MoeLayout | None:
     return LAYOUTS.get(getattr(config, "model_type", ""))
 
@@ -110,7 +113,7 @@ def _is_fused(module: nn.Module) -> bool:
     return isinstance(p, nn.Parameter) and isinstance(d, nn.Parameter) and p.dim() == 3 and d.dim() == 3
 
 
-def _check_fused(name: str, module: nn.Module, model_type: str) -> None:
+def _check_fused(name: str, module: nn.Module) -> None:
     """Only the plain layout is unfused exactly: [gate; up] concatenated, [out, in] per expert, no bias,
     act(gate)·up. Anything else (gpt-oss' transposed biased experts, ...) is refused rather than guessed."""
     plain = (not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
@@ -122,10 +125,6 @@ def _check_fused(name: str, module: nn.Module, model_type: str) -> None:
     if not plain or apply_gate is not _default_apply_gate:
         raise LlmoptError(f"{name} ({type(module).__name__}) stores its experts in a layout llmopt cannot split "
                           f"exactly: MoE quantization supports {', '.join(LAYOUTS)}")
-    if model_type not in LAYOUTS:
-        raise LlmoptError(f"{name}: the experts of {model_type!r} models have no per-expert checkpoint layout in "
-                          f"llmopt yet (supported: {', '.join(LAYOUTS)}); exclude them with "
-                          f"--ignore 're:.*experts.*' or add an entry to llmopt/families/moe.py LAYOUTS")
 
 
 def _linear(w: torch.Tensor) -> nn.Linear:
@@ -152,13 +151,18 @@ def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def unfuse_experts(model: nn.Module) -> list[str]:
-    """Replace every fused experts module of `model` by UnfusedExperts (in place); returns their names."""
-    model_type = getattr(model.config, "model_type", "")
+    """Replace every fused experts module of `model` by UnfusedExperts (in place); returns their names.
+
+    A family without a LAYOUTS entry keeps its fused experts (no known per-expert checkpoint names): they stay
+    float, which quantize's accounting refuses unless --ignore names them (quant/accounting.py)."""
+    lay = layout(model.config)
+    if lay is None:
+        return []
     fused = fused_experts(model)
     for name, module in fused:
-        _check_fused(name, module, model_type)
+        _check_fused(name, module)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, unfuse(module, LAYOUTS[model_type]))
+        setattr(model.get_submodule(parent), child, unfuse(module, lay))
     return [n for n, _ in fused]
 
 
@@ -220,13 +224,13 @@ def scale_groups(layer: nn.Module, config) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def router_names(model: nn.Module) -> list[str]:
-    """Full names of the routing modules of every MoE block (kept float by default)."""
+    """Full names of the routing modules of every MoE block (kept float by default); for a family without a
+    LAYOUTS entry, the block's children with the usual router names."""
     lay = layout(model.config)
-    if lay is None:
-        return []
+    routers = lay.routers if lay is not None else _USUAL_ROUTERS
     blocks = [n.rpartition(".")[0] for n, m in model.named_modules() if isinstance(m, UnfusedExperts) or _is_fused(m)]
     have = dict(model.named_modules())
-    return [f"{b}.{r}" for b in blocks for r in lay.routers if f"{b}.{r}" in have]
+    return [f"{b}.{r}" for b in blocks for r in routers if f"{b}.{r}" in have]
 
 
 @dataclass(slots=True)

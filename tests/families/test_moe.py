@@ -98,12 +98,12 @@ def test_routers_stay_float_unless_named():
     assert target_filter(model, ["Linear", "re:.*shared_expert_gate"], [])("model.layers.0.mlp.shared_expert_gate")
 
 
-def test_unknown_fused_layout_is_refused():
+def test_fused_layouts_llmopt_cannot_split_exactly_are_refused():
     from llmopt.errors import LlmoptError
 
     model = moe_model("mixtral")
-    model.config.model_type = "not_a_family"
-    with pytest.raises(LlmoptError, match="per-expert checkpoint layout"):
+    model.model.layers[0].mlp.experts.is_transposed = True  # e.g. gpt-oss' [E, in, out] layout
+    with pytest.raises(LlmoptError, match="cannot split exactly"):
         moe.unfuse_experts(model)
 
 

@@ -112,21 +112,20 @@ def test_transformers_loads_compressed_tensors_moe(moe_dirs, tmp_path_factory, f
 
 
 def test_experts_left_fused_is_an_error_not_a_silent_float_run(moe_dirs, tmp_path, monkeypatch):
-    """Without the split (as before issue 12) the experts would stay float: the run refuses before calibrating,
-    unless the user ignores them on purpose."""
+    """A family whose experts llmopt cannot split (simulated: Mixtral dropped from LAYOUTS, as before issue 12)
+    keeps them fused and float: the run refuses before calibrating, unless --ignore names them; then the fused
+    float experts are written as they are and the runtime reloads them."""
     from llmopt.errors import LlmoptError
 
-    monkeypatch.setattr(moe, "unfuse_experts", lambda model: [])
-    args = dict(model=str(moe_dirs["mixtral"]), method="rtn", group_size=32, samples=4, seq_len=32, evaluate=False,
-                device="cpu")
+    monkeypatch.delitem(moe.LAYOUTS, "mixtral")
+    args = dict(model=str(moe_dirs["mixtral"]), method="rtn", group_size=32, samples=4, seq_len=32, device="cpu",
+                eval_samples=2, eval_seq_len=32)
     with pytest.raises(LlmoptError, match="targeted experts weights would stay float"):
         quantize(QuantizeArgs(out=tmp_path / "a", **args), progress=False)
     assert not (tmp_path / "a").exists()
-    monkeypatch.undo()  # experts split as usual, but float on purpose: written per expert, reloaded by the runtime
-    args["evaluate"] = True
-    res = quantize(QuantizeArgs(out=tmp_path / "b", ignore=["re:.*experts.*"], eval_samples=2, eval_seq_len=32,
-                                **args), progress=False)
+    res = quantize(QuantizeArgs(out=tmp_path / "b", ignore=["re:.*experts.*"], **args), progress=False)
     assert res.parameters["experts"]["quantized"] == res.parameters["experts"]["targeted"] == 0
+    assert res.parameters["experts"]["total"] > 0 and res.parameters["attention"]["quantized"] > 0
     assert res.evaluated_with == "runtime" and math.isfinite(res.metrics["quantized"]["kld_mean"])
 
 
