@@ -11,7 +11,11 @@ The model sits on the CPU; one decoder layer at a time moves to the device. Per 
      - AWQ and SmoothQuant (W8A8): one float forward gathers the statistics and produces the next layer's
        inputs: like their reference implementations they calibrate on the float model's activations;
   3. the quantized layer's relative output error vs the float layer on the check batches, next to RTN's.
-Linears reading the same tensor (q/k/v, gate/up) share one collector, so their Hessian is built once. Groups
+MoE layers (experts split per expert by families/moe.py) take the two-pass strategy; in its statistics pass every
+expert runs on every token while the layer output keeps the true routing (moe.routing_calibration), and the tokens
+routed to each expert go into the layer report.
+Linears reading the same tensor (q/k/v, gate/up, all experts' gate/up) share one collector, so their Hessian is
+built once. Groups
 are quantized in order; a scale folded into an op that is an already-quantized Linear (AWQ/SmoothQuant's
 v→o and up→down) divides that Linear's row scales: its codes stay valid. With calib_dtype=bfloat16 the
 forwards run under autocast; statistics, solves and the weights themselves stay fp32.
