@@ -5,10 +5,26 @@ prefill (or verification) chunks, all in a single [1, T] batch with per-token po
 HF attention module hands this function the step's new q/k/v (rotary already applied); it writes
 k/v into the block pool and attends each query to its own sequence's keys only. GQA goes through
 SDPA's `enable_gqa=True`, so the cache is never repeat_kv-expanded.
+
+Per layer (a `LayerSpec`, learned once by a probe forward, see runner.inspect_attention) the function
+applies a sliding window (keys j > i − window, transformers' masking_utils semantics) and attention-logit
+softcapping (tanh(s/cap)·cap, which SDPA cannot do, so those layers take a manual path).
+
+MLA (DeepSeek V2/V3): llmopt caches the decompressed per-head K (qk_nope + qk_rope dims) and V
+(v_head_dim) that the HF module hands to the attention function, not the compressed latent
+(kv_lora_rank + qk_rope_head_dim, one "head") that vLLM and transformers 5's own cache keep: the
+latent is expanded inside the HF module, before the attention interface is called.
+
+The step context reaches this function through a ContextVar set by the runner around its forward
+(`step_context`), not a forward kwarg: some HF decoder layers (StableLM) do not pass extra kwargs down
+to their attention module.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -16,26 +32,45 @@ import torch.nn.functional as F
 
 ATTN_NAME = "llmopt_paged"
 
+Window = int | None  # a layer's sliding window (keys j > i − window); None = full attention
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    """What one layer's attention caches and how it attends, as its HF module passes it to the attention function."""
+
+    kv_heads: int
+    k_head_dim: int
+    v_head_dim: int  # differs from k_head_dim for MLA
+    window: Window = None
+    softcap: float | None = None  # attention logits become tanh(s / softcap) · softcap
+
+    @property
+    def values_per_token(self) -> int:
+        """Cached K + V elements per token."""
+        return self.kv_heads * (self.k_head_dim + self.v_head_dim)
+
 
 @dataclass(slots=True)
 class PagedKVCache:
-    """Per-layer K and V block pools, each [num_blocks, block_size, kv_heads, head_dim]."""
+    """Per-layer K and V block pools, [num_blocks, block_size, kv_heads, k_head_dim] and [..., v_head_dim]."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     block_size: int
 
     @classmethod
-    def allocate(cls, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> "PagedKVCache":
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)], block_size)
+    def allocate(cls, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> "PagedKVCache":
+        def pool(heads: int, dim: int) -> torch.Tensor:
+            return torch.zeros((num_blocks, block_size, heads, dim), dtype=dtype, device=device)
+
+        return cls([pool(s.kv_heads, s.k_head_dim) for s in specs], [pool(s.kv_heads, s.v_head_dim) for s in specs],
+                   block_size)
 
     @property
     def bytes_per_block(self) -> int:
-        t = self.k[0]
-        return 2 * len(self.k) * t[0].numel() * t.element_size()
+        return sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in zip(self.k, self.v))
 
     @property
     def total_bytes(self) -> int:
@@ -50,7 +85,8 @@ class Segment:
     length: int
     context: int  # keys this chunk attends to (cached + its own)
     block_table: torch.Tensor | None  # [nb] long; None when the chunk starts at position 0 (keys are all new)
-    mask: torch.Tensor | None  # [length, context] bool, True = attend; None for a fresh causal chunk
+    # per window: [length, context] bool, True = attend; None = plain causal over the chunk's own keys
+    masks: dict[Window, torch.Tensor | None]
 
 
 @dataclass(slots=True)
@@ -58,11 +94,33 @@ class StepContext:
     """Everything the attention function needs to know about one packed step."""
 
     cache: PagedKVCache
+    specs: list[LayerSpec]
     slot_mapping: torch.Tensor  # [T] long: where each new token's K/V goes (flat slot index)
     num_decode: int  # the first num_decode tokens are single decode tokens of distinct sequences
-    decode_tables: torch.Tensor | None  # [Bd, nb] long, padded with block 0
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb*block_size] bool, True = a real key
+    decode_tables: torch.Tensor | None  # [Bd, nb] long, padded (and freed blocks mapped) to block 0
+    decode_masks: dict[Window, torch.Tensor]  # per window: [Bd, 1, 1, nb*block_size] bool, True = attend
     segments: list[Segment] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class AttentionProbe:
+    """Collects each layer's LayerSpec during one probe forward (no cache, attention over the new tokens)."""
+
+    specs: dict[int, LayerSpec] = field(default_factory=dict)
+    refusals: list[str] = field(default_factory=list)  # features this engine would get wrong
+
+
+_CURRENT: ContextVar[StepContext | AttentionProbe | None] = ContextVar("llmopt_step", default=None)
+
+
+@contextlib.contextmanager
+def step_context(ctx: StepContext | AttentionProbe) -> Iterator[None]:
+    """Make `ctx` what paged_attention sees during the model forward run inside this block."""
+    token = _CURRENT.set(ctx)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -72,40 +130,87 @@ def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return blocks.view(b, nb * pool.shape[1], pool.shape[2], pool.shape[3]).transpose(1, 2)
 
 
+def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                softcap: float) -> torch.Tensor:
+    """Attention with tanh logit softcapping: q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv],
+    mask broadcastable to [B, 1, L, S] (None = causal, L == S) → [B, H, L, Dv].
+    Query heads are grouped over their kv head (a broadcast, not a repeat_kv copy of the cache)."""
+    b, h, n, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    qg = q.view(b, hkv, h // hkv, n, d)  # [B, Hkv, G, L, D]
+    scores = qg @ k.unsqueeze(2).transpose(-1, -2) * scale  # [B, Hkv, G, L, S]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril()  # [L, S]
+    else:
+        mask = mask.view(mask.shape[0], 1, 1, n, s) if mask.dim() == 4 else mask  # [B, 1, 1, L, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1)
+    return (probs @ v.unsqueeze(2)).view(b, h, n, v.shape[-1])  # [B, H, L, Dv]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+            softcap: float | None) -> torch.Tensor:
+    """q [B, H, L, D], k/v [B, Hkv, S, D/Dv], bool mask (None = causal over own keys) → [B, H, L, Dv]."""
+    if softcap is not None:
+        return _softcapped(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale, softcap)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _probe(probe: AttentionProbe, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           scaling: float | None, kwargs: dict) -> tuple[torch.Tensor, None]:
+    """Record the layer's spec from what its module passes, and attend causally over the new tokens."""
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        probe.refusals.append(f"attention module {type(module).__name__} without a layer_idx")
+        layer = -1 - len(probe.specs)
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    softcap = kwargs.get("softcap")
+    if kwargs.get("s_aux") is not None:
+        probe.refusals.append("attention sinks (s_aux)")
+    if getattr(module, "is_causal", True) is False:
+        probe.refusals.append("non-causal attention")
+    probe.specs[layer] = LayerSpec(key.shape[1], key.shape[3], value.shape[3], int(window) if window else None,
+                                   float(softcap) if softcap else None)
+    out = _attend(query, key, value, None, scaling, probe.specs[layer].softcap)  # [1, H, T, Dv]
+    return out.transpose(1, 2), None
+
+
 def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs) -> tuple[torch.Tensor, None]:
-    """query [1, H, T, D], key/value [1, Hkv, T, D] of the new tokens → attention output [1, T, H, D]."""
-    ctx: StepContext = kwargs["llmopt_step"]
+    """query [1, H, T, Dk], key [1, Hkv, T, Dk], value [1, Hkv, T, Dv] of the new tokens → output [1, T, H, Dv]."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise RuntimeError("llmopt's paged attention ran outside an engine step (no step_context)")
+    if isinstance(ctx, AttentionProbe):
+        return _probe(ctx, module, query, key, value, scaling, kwargs)
     layer = module.layer_idx
-    k_pool, v_pool = ctx.cache.k[layer], ctx.cache.v[layer]  # [N, bs, Hkv, D]
-    hkv, d = k_pool.shape[2], k_pool.shape[3]
-    k_new = key[0].transpose(0, 1)  # [T, Hkv, D]
-    v_new = value[0].transpose(0, 1)
-    k_pool.view(-1, hkv, d).index_copy_(0, ctx.slot_mapping, k_new.to(k_pool.dtype))
-    v_pool.view(-1, hkv, d).index_copy_(0, ctx.slot_mapping, v_new.to(v_pool.dtype))
+    spec = ctx.specs[layer]
+    k_pool, v_pool = ctx.cache.k[layer], ctx.cache.v[layer]  # [N, bs, Hkv, Dk], [N, bs, Hkv, Dv]
+    hkv = k_pool.shape[2]
+    k_pool.view(-1, hkv, spec.k_head_dim).index_copy_(0, ctx.slot_mapping, key[0].transpose(0, 1).to(k_pool.dtype))
+    v_pool.view(-1, hkv, spec.v_head_dim).index_copy_(0, ctx.slot_mapping, value[0].transpose(0, 1).to(v_pool.dtype))
 
     t, h = query.shape[2], query.shape[1]
-    out = query.new_empty(t, h, d)  # [T, H, D]
+    out = query.new_empty(t, h, spec.v_head_dim)  # [T, H, Dv]
     bd = ctx.num_decode
     if bd:
-        q = query[0, :, :bd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
-        k = _gather(k_pool, ctx.decode_tables)  # [Bd, Hkv, S, D]
-        v = _gather(v_pool, ctx.decode_tables)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=ctx.decode_mask,
-                                           scale=scaling, enable_gqa=True)  # [Bd, H, 1, D]
-        out[:bd] = o[:, :, 0]
+        q = query[0, :, :bd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, Dk]
+        k = _gather(k_pool, ctx.decode_tables).to(q.dtype)  # [Bd, Hkv, S, Dk]
+        v = _gather(v_pool, ctx.decode_tables).to(q.dtype)  # [Bd, Hkv, S, Dv]
+        out[:bd] = _attend(q, k, v, ctx.decode_masks[spec.window], scaling, spec.softcap)[:, :, 0]
     for seg in ctx.segments:
         s, n = seg.start, seg.length
-        q = query[:, :, s:s + n]  # [1, H, L, D]
+        q = query[:, :, s:s + n]  # [1, H, L, Dk]
         if seg.block_table is None:  # fresh prompt: its keys are exactly this chunk's
-            o = F.scaled_dot_product_attention(q, key[:, :, s:s + n], value[:, :, s:s + n], is_causal=True,
-                                               scale=scaling, enable_gqa=True)
+            k, v = key[:, :, s:s + n], value[:, :, s:s + n]  # [1, Hkv, L, Dk/Dv]
         else:
-            k = _gather(k_pool, seg.block_table[None])[:, :, :seg.context].to(q.dtype)  # [1, Hkv, C, D]
-            v = _gather(v_pool, seg.block_table[None])[:, :, :seg.context].to(q.dtype)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, scale=scaling, enable_gqa=True)
-        out[s:s + n] = o[0].transpose(0, 1)
+            k = _gather(k_pool, seg.block_table[None])[:, :, :seg.context].to(q.dtype)  # [1, Hkv, C, Dk]
+            v = _gather(v_pool, seg.block_table[None])[:, :, :seg.context].to(q.dtype)  # [1, Hkv, C, Dv]
+        out[s:s + n] = _attend(q, k, v, seg.masks[spec.window], scaling, spec.softcap)[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
 

@@ -16,12 +16,11 @@ import torch
 
 from llmopt.engine.attention import PagedKVCache
 from llmopt.engine.block_manager import BlockManager, blocks_for
-from llmopt.engine.runner import ModelRunner, check_supported, paged_attention_enabled
+from llmopt.engine.runner import ModelRunner, common_window, inspect_attention, paged_attention_enabled
 from llmopt.engine.sampling import SamplingParams, sample_rows
 from llmopt.engine.scheduler import Scheduler, SchedulerConfig
 from llmopt.engine.sequence import Sequence, Status
 from llmopt.errors import LlmoptError
-from llmopt.models.info import attention_shape, kv_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +60,8 @@ class KVStats:
     peak_blocks: int
     peak_tokens: int  # tokens held at that peak
     allocated_bytes: int  # peak_blocks' bytes
-    formula_bytes: int  # 2·layers·peak_tokens·kv_heads·head_dim·bytes
+    formula_bytes: int  # peak_tokens·Σ_layers kv_heads·(k_head_dim + v_head_dim)·bytes (2·layers·kv_heads·head_dim
+    #                     when K and V share a head dim; MLA's decompressed K and V differ)
     waste_bytes: int  # allocated − formula: the unused tails of blocks
     preemptions: int
 
@@ -69,26 +69,24 @@ class KVStats:
 class LLMEngine:
     def __init__(self, model, config: EngineConfig, eos_id: int | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
-        check_supported(model)
+        self.specs = inspect_attention(model)
         self.model = model
         self.config = config
         self.eos_id = eos_id
         self.clock = clock
-        self.layers, _, self.kv_heads, self.head_dim = attention_shape(model.config)
         dtype = model_dtype(model)
         device = model.get_input_embeddings().weight.device
-        self.el = torch.empty((), dtype=dtype).element_size()
-        per_block = kv_bytes(self.layers, self.kv_heads, self.head_dim, config.block_size, self.el)
+        self.kv_bytes_per_token = sum(s.values_per_token for s in self.specs) * torch.empty((), dtype=dtype).element_size()
+        per_block = self.kv_bytes_per_token * config.block_size
         num_blocks = config.kv_budget // per_block
         if num_blocks < 1:
             raise LlmoptError(f"--kv-budget of {config.kv_budget} bytes holds no KV block ({per_block} bytes per "
                               f"block of {config.block_size} tokens): raise --kv-budget")
         if config.max_blocks is not None:
             num_blocks = max(1, min(num_blocks, config.max_blocks))
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        self.cache = PagedKVCache.allocate(self.layers, num_blocks, config.block_size, self.kv_heads,
-                                           self.head_dim, dtype, device)
-        self.runner = ModelRunner(model, self.cache, self.blocks)
+        self.blocks = BlockManager(num_blocks, config.block_size, common_window(self.specs))
+        self.cache = PagedKVCache.allocate(self.specs, num_blocks, config.block_size, dtype, device)
+        self.runner = ModelRunner(model, self.specs, self.cache, self.blocks)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens))
         self.max_context = max_context(model)
         self.sequences: list[Sequence] = []
@@ -172,7 +170,7 @@ class LLMEngine:
     def kv_stats(self) -> KVStats:
         st = self.blocks.stats
         per_block = self.cache.bytes_per_block
-        formula = kv_bytes(self.layers, self.kv_heads, self.head_dim, st.peak_tokens, self.el)
+        formula = st.peak_tokens * self.kv_bytes_per_token
         return KVStats(st.block_size, st.num_blocks, self.cache.total_bytes, st.peak_blocks, st.peak_tokens,
                        st.peak_blocks * per_block, formula, st.peak_blocks * per_block - formula,
                        self.scheduler.num_preemptions)

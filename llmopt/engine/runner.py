@@ -1,7 +1,8 @@
 """Runs one packed step through the HF model: builds positions, slots and attention metadata, returns logits.
 
-Any HF causal LM whose attention modules call `ALL_ATTENTION_FUNCTIONS` (Llama, Qwen2, Mistral, ...)
-works, including ones whose Linear layers were swapped for quantized runtime modules.
+Any HF causal LM whose attention modules call `ALL_ATTENTION_FUNCTIONS` (Llama, Qwen2, Mistral, Gemma2/3,
+DeepSeek V3, ...) works, including ones whose Linear layers were swapped for quantized runtime modules.
+`inspect_attention` learns each layer's LayerSpec with one probe forward and refuses what would be served wrong.
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ from collections.abc import Iterator
 
 import torch
 
-from llmopt.engine.attention import PagedKVCache, Segment, StepContext, register
-from llmopt.engine.block_manager import BlockManager
+from llmopt.engine.attention import (AttentionProbe, LayerSpec, PagedKVCache, Segment, StepContext, Window,
+                                     register, step_context)
+from llmopt.engine.block_manager import FREED, BlockManager
 from llmopt.engine.sequence import Sequence
 from llmopt.errors import LlmoptError
 
+_SERVED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
-def check_supported(model) -> None:
-    """Refuse models whose attention this engine would get wrong, instead of returning wrong tokens."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise LlmoptError("sliding-window attention is not supported by llmopt's engine: use --engine hf")
-    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
-        raise LlmoptError("models with non-full attention layers are not supported by llmopt's engine: "
-                          "use --engine hf")
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _refuse(feature: str) -> LlmoptError:
+    return LlmoptError(f"{feature} is not supported by llmopt's engine: use --engine hf")
 
 
 @contextlib.contextmanager
@@ -42,15 +44,80 @@ def paged_attention_enabled(model) -> Iterator[None]:
             c._attn_implementation = s
 
 
+def inspect_attention(model) -> list[LayerSpec]:
+    """Each layer's LayerSpec, from what its HF attention module passes to the attention function in a one-token
+    probe forward. Refuses (LlmoptError) models this engine would serve wrong instead of returning wrong tokens:
+    layers whose attention does not go through transformers' attention interface (Falcon computes it inline),
+    layer types other than full/sliding, a window the config declares but the module does not pass, sinks."""
+    config = _text_config(model)
+    layers = config.num_hidden_layers
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    unknown = sorted(set(layer_types) - _SERVED_LAYER_TYPES)
+    if unknown:
+        raise _refuse(f"attention layer type {', '.join(unknown)}")
+    probe = AttentionProbe()
+    device = model.get_input_embeddings().weight.device
+    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+    try:
+        with paged_attention_enabled(model), step_context(probe), torch.inference_mode():
+            model(input_ids=ids, position_ids=ids, use_cache=False, logits_to_keep=1)
+    except Exception as e:  # a layer that computes attention itself fails on the masks it was not given
+        if len(probe.specs) < layers:
+            raise _refuse(f"{type(model).__name__}'s attention (layer {len(probe.specs)} does not call "
+                          f"transformers' attention interface)") from e
+        raise
+    if probe.refusals:
+        raise _refuse(probe.refusals[0])
+    if sorted(probe.specs) != list(range(layers)):
+        missing = sorted(set(range(layers)) - set(probe.specs))
+        raise _refuse(f"{type(model).__name__}'s attention (layers {missing} do not call transformers' attention "
+                      f"interface)")
+    specs = [probe.specs[i] for i in range(layers)]
+    declared = getattr(config, "sliding_window", None)
+    for i, (t, s) in enumerate(zip(layer_types, specs)):
+        if t == "sliding_attention" and s.window is None:
+            raise _refuse(f"sliding-window layer {i} whose module does not pass its window to the attention function")
+    if (declared and not layer_types and getattr(config, "use_sliding_window", True) is not False
+            and all(s.window is None for s in specs)):
+        raise _refuse("a sliding window the attention modules do not pass to the attention function")
+    return specs
+
+
+def common_window(specs: list[LayerSpec]) -> int | None:
+    """The window blocks can be freed by: the largest one when every layer is sliding, else None."""
+    windows = [s.window for s in specs]
+    return None if any(w is None for w in windows) else max(windows)
+
+
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, blocks: BlockManager) -> None:
+    def __init__(self, model, specs: list[LayerSpec], cache: PagedKVCache, blocks: BlockManager) -> None:
         self.model = model
+        self.specs = specs
+        self.windows: list[Window] = sorted({s.window for s in specs}, key=lambda w: w or 0)
         self.cache = cache
         self.blocks = blocks
         self.device = cache.k[0].device
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
+
+    def _table(self, table: list[int]) -> list[int]:
+        """A block table with FREED entries on block 0: their keys are outside every window, so masked."""
+        return [0 if b == FREED else b for b in table]
+
+    def _segment_masks(self, start: int, n: int) -> dict[Window, torch.Tensor | None]:
+        """Per window, the [n, start + n] mask of a chunk whose queries sit at positions start..start+n-1;
+        None where a fresh chunk's plain causal attention is already right (no window, or one ≥ the chunk)."""
+        masks: dict[Window, torch.Tensor | None] = {}
+        qpos = torch.arange(start, start + n, device=self.device)[:, None]  # [n, 1]
+        kpos = torch.arange(start + n, device=self.device)[None]  # [1, ctx]
+        causal = kpos <= qpos if start else None  # [n, ctx] causal with offset
+        for w in self.windows:
+            if w is None or (start == 0 and n <= w):
+                masks[w] = causal
+            else:
+                masks[w] = (kpos <= qpos) & (kpos > qpos - w)  # [n, ctx]
+        return masks
 
     def build(self, work: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
         """Pack the step: decode tokens first, then chunks. Returns input ids [T], positions [T], the
@@ -69,26 +136,25 @@ class ModelRunner:
             ids.extend(toks[start:start + n])
             pos.extend(range(start, start + n))
             slots.extend(self.blocks.slot(seq, p) for p in range(start, start + n))
-        tables = mask = None
+        tables = None
+        masks: dict[Window, torch.Tensor] = {}
         if decode:
             nb = max(len(s.block_table) for s, _ in decode)
-            tables = self._tensor([s.block_table + [0] * (nb - len(s.block_table)) for s, _ in decode]
+            tables = self._tensor([self._table(s.block_table) + [0] * (nb - len(s.block_table)) for s, _ in decode]
                                   ).view(len(decode), nb)  # [Bd, nb]
-            lens = self._tensor([s.num_computed + 1 for s, _ in decode])  # [Bd]
-            mask = (torch.arange(nb * bs, device=self.device)[None] < lens[:, None])[:, None, None]  # [Bd,1,1,S]
+            qpos = self._tensor([s.num_computed for s, _ in decode])[:, None]  # [Bd, 1]
+            kpos = torch.arange(nb * bs, device=self.device)[None]  # [1, S]
+            real = kpos <= qpos  # [Bd, S]
+            for w in self.windows:  # once per step and window, shared by all layers
+                masks[w] = (real if w is None else real & (kpos > qpos - w))[:, None, None]  # [Bd, 1, 1, S]
         segments = []
         offset = len(decode)
         for seq, n in chunks:
             start = seq.num_computed
-            if start == 0:
-                segments.append(Segment(offset, n, n, None, None))
-            else:
-                ctx = start + n
-                qpos = torch.arange(start, ctx, device=self.device)
-                m = torch.arange(ctx, device=self.device)[None] <= qpos[:, None]  # [n, ctx] causal with offset
-                segments.append(Segment(offset, n, ctx, self._tensor(seq.block_table), m))
+            table = self._tensor(self._table(seq.block_table)) if start else None
+            segments.append(Segment(offset, n, start + n, table, self._segment_masks(start, n)))
             offset += n
-        step = StepContext(self.cache, self._tensor(slots), len(decode), tables, mask, segments)
+        step = StepContext(self.cache, self.specs, self._tensor(slots), len(decode), tables, masks, segments)
         return self._tensor(ids), self._tensor(pos), step, [first[s.id] for s, _ in work]
 
     @torch.inference_mode()
@@ -97,6 +163,7 @@ class ModelRunner:
         ids, pos, step, first = self.build(work)
         keep = keep or [1] * len(work)
         rows = [f + n - k + j for (_, n), f, k in zip(work, first, keep) for j in range(k)]
-        out = self.model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
-                         logits_to_keep=self._tensor(rows), llmopt_step=step)
+        with step_context(step):
+            out = self.model(input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                             logits_to_keep=self._tensor(rows))
         return out.logits[0]  # [R, V]

@@ -21,11 +21,10 @@ import torch
 from llmopt.engine.attention import PagedKVCache
 from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.engine import LLMEngine, model_dtype
-from llmopt.engine.runner import ModelRunner, check_supported
+from llmopt.engine.runner import ModelRunner, common_window, inspect_attention
 from llmopt.engine.sampling import probs, sample_rows
 from llmopt.engine.sequence import Sequence
 from llmopt.errors import LlmoptError
-from llmopt.models.info import attention_shape
 
 
 @dataclass(slots=True)
@@ -75,7 +74,7 @@ class Speculator:
     def __init__(self, engine: LLMEngine, draft_model, k: int) -> None:
         if k < 1:
             raise LlmoptError(f"--spec-tokens must be ≥ 1 (got {k})")
-        check_supported(draft_model)
+        specs = inspect_attention(draft_model)
         vt = engine.model.get_output_embeddings().weight.shape[0]
         vd = draft_model.get_output_embeddings().weight.shape[0]
         if vt != vd:
@@ -84,12 +83,11 @@ class Speculator:
         self.engine = engine
         self.model = draft_model
         self.k = k
-        layers, _, kv_heads, head_dim = attention_shape(draft_model.config)
         n = engine.blocks.stats.num_blocks
-        self.blocks = BlockManager(n, engine.blocks.block_size)
-        self.cache = PagedKVCache.allocate(layers, n, engine.blocks.block_size, kv_heads, head_dim,
-                                           model_dtype(draft_model), draft_model.get_input_embeddings().weight.device)
-        self.runner = ModelRunner(draft_model, self.cache, self.blocks)
+        self.blocks = BlockManager(n, engine.blocks.block_size, common_window(specs))
+        self.cache = PagedKVCache.allocate(specs, n, engine.blocks.block_size, model_dtype(draft_model),
+                                           draft_model.get_input_embeddings().weight.device)
+        self.runner = ModelRunner(draft_model, specs, self.cache, self.blocks)
         self.mirrors: dict[int, Sequence] = {}
         self.stats = SpecStats()
 
