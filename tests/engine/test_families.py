@@ -1,0 +1,134 @@
+"""Every family of tests/families: the engine's greedy tokens equal `generate`'s in float64 (or the family is
+refused with a one-line error), including sliding windows shorter than the prompts, hybrid layer types,
+logit softcapping and MLA under chunked prefill, preemption and speculative decoding; out-of-window blocks
+go back to the pool."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmopt.engine import EngineConfig, LLMEngine, SamplingParams
+from llmopt.engine.block_manager import FREED
+from llmopt.engine.speculative import attach_draft
+from llmopt.errors import LlmoptError
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "families"))
+from family_models import FAMILIES, family_model  # noqa: E402
+
+LENGTHS = [5, 17, 33]  # two prompts longer than the families' window of 8
+OUTS = [12, 20, 9]
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}  # grouped_mm has no float64 kernel: eager experts
+# At gemma2's 50 the tiny random model's attention logits never come near the cap, so the tokens could not
+# tell softcapping from none; at 0.02 they do (test_softcap_changes_the_reference checks it).
+OVERRIDES = {"gemma2": dict(attn_logit_softcapping=0.02)}
+REFUSED = {"falcon": "attention interface"}  # Falcon computes attention inline, never calling the interface
+ALL_SLIDING = {"mistral", "starcoder2"}
+SPECIAL = ["mistral", "starcoder2", "gemma2", "gemma3_text", "exaone4", "deepseek_v3"]  # window/hybrid/cap/MLA
+
+
+@functools.cache
+def model(family: str, **overrides):
+    kw = {**OVERRIDES.get(family, {}), **overrides}
+    if family in MOE:
+        kw["experts_implementation"] = "eager"
+    return family_model(family, dtype=torch.float64, **kw)
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(4, 512, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def run(m, outs: list[int] = OUTS, ps: list[list[int]] | None = None, draft=None, **config) -> tuple[LLMEngine, list]:
+    engine = LLMEngine(m, EngineConfig(**{"kv_budget": 10 ** 8, "block_size": 4, "max_prefill_tokens": 7, **config}))
+    if draft is not None:
+        attach_draft(engine, draft, 3)
+    for p, o in zip(ps or prompts(), outs):
+        engine.add(p, SamplingParams(max_tokens=o, ignore_eos=True))
+    return engine, [s.output for s in engine.run()]
+
+
+def refs(m, reference, outs: list[int] = OUTS, ps: list[list[int]] | None = None) -> list[list[int]]:
+    return [reference(m, p, o) for p, o in zip(ps or prompts(), outs)]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
+def test_mixed_batch_equals_generate(family, reference):
+    m = model(family)
+    engine, outs = run(m)
+    assert outs == refs(m, reference)
+    assert engine.blocks.num_free == engine.blocks.stats.num_blocks
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_unservable_family_is_refused(family):
+    with pytest.raises(LlmoptError, match=f"{REFUSED[family]}.*--engine hf"):
+        LLMEngine(model(family), EngineConfig(kv_budget=10 ** 8))
+
+
+@pytest.mark.parametrize("family", SPECIAL)
+def test_preemption_and_chunked_prefill(family, reference):
+    m = model(family)
+    per_block = LLMEngine(m, EngineConfig(kv_budget=10 ** 8, block_size=4)).cache.bytes_per_block
+    # 11 blocks hold the longest request (33 + 9 tokens) alone; where every layer is sliding, blocks leave the
+    # window and three requests fit, six do not. Chunks of 3 attend to cached chunks.
+    copies = 2 if family in ALL_SLIDING else 1
+    ps, outs = prompts() * copies, OUTS * copies
+    engine, got = run(m, outs, ps, kv_budget=11 * per_block, max_prefill_tokens=3)
+    assert engine.scheduler.num_preemptions > 0
+    assert got == refs(m, reference, outs, ps)
+    assert engine.blocks.num_free == engine.blocks.stats.num_blocks
+
+
+def test_softcap_changes_the_reference(reference):
+    assert refs(model("gemma2"), reference) != refs(model("gemma2", attn_logit_softcapping=50.0), reference)
+
+
+def test_out_of_window_blocks_are_freed(reference):
+    windowed, full = model("mistral"), model("mistral", sliding_window=None)
+    ps, outs = [prompts()[1]], [60]
+    engine, got = run(windowed, outs, ps)
+    assert got == refs(windowed, reference, outs, ps)
+    full_engine, got_full = run(full, outs, ps)
+    assert got_full != got  # the window shapes these tokens
+    kv = engine.kv_stats()
+    # 17 + 60 − 1 cached tokens need 19 blocks without a window; with window 8, blocks of 4 and prefill
+    # chunks of 7, at most 5 are live at once
+    assert full_engine.kv_stats().peak_blocks == 19 and kv.peak_blocks <= 5
+    assert kv.formula_bytes <= kv.allocated_bytes and kv.peak_tokens <= kv.peak_blocks * 4
+    assert engine.blocks.num_free == engine.blocks.stats.num_blocks
+
+
+def test_hybrid_layers_keep_every_block():
+    engine = LLMEngine(model("gemma3_text"), EngineConfig(kv_budget=10 ** 8))
+    assert engine.blocks.window is None  # its full-attention layers see every position
+    assert [s.window for s in engine.specs] == [8, None, 8, None]
+
+
+def test_mla_caches_decompressed_k_and_v():
+    engine = LLMEngine(model("deepseek_v3"), EngineConfig(kv_budget=10 ** 8, block_size=4))
+    assert {(s.kv_heads, s.k_head_dim, s.v_head_dim) for s in engine.specs} == {(4, 32, 16)}
+    assert engine.cache.bytes_per_block == 2 * 4 * (32 + 16) * 4 * 8  # layers · heads · (K + V dims) · bs · float64
+
+
+@pytest.mark.parametrize("budget_blocks", [None, 12])
+def test_speculative_with_a_sliding_window_target(budget_blocks, reference):
+    target = model("mistral")
+    draft = copy.deepcopy(target)
+    draft.model.layers = draft.model.layers[:1]
+    draft.config.num_hidden_layers = 1
+    per_block = LLMEngine(target, EngineConfig(kv_budget=10 ** 8, block_size=4)).cache.bytes_per_block
+    budget = 10 ** 8 if budget_blocks is None else budget_blocks * per_block
+    outs = [30, 20, 9]
+    engine, got = run(target, outs, draft=draft, kv_budget=budget)
+    assert got == refs(target, reference, outs)
+    spec = engine.speculator
+    assert spec.stats.proposed > 0 and spec.blocks.window == 8
+    assert all(b == FREED or b >= 0 for s in engine.sequences for b in s.block_table)
+    assert engine.blocks.num_free == engine.blocks.stats.num_blocks
