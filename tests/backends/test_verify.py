@@ -46,7 +46,8 @@ def test_gptq_awq_with_gptqmodel(llmopt_checkpoints, fmt):
     res = _verify(llmopt_checkpoints[fmt], "gptqmodel")
     (c,) = res["checks"]
     assert res["passed"] and c["loader"] == "gptqmodel" and "GPTQModel.load" in c["how"]
-    assert c["top1_agreement"] >= 0.99 and c["kld_mean"] <= 1e-3
+    # decided positions: GPTQModel's kernels and llmopt's round differently, so raw top-1 flips on near-ties
+    assert c["top1_decided"] >= 0.99 and c["top1_agreement"] >= 0.95 and c["kld_mean"] <= 1e-3
 
 
 def test_a_misread_checkpoint_fails_despite_the_tie_margin(llmopt_checkpoints, monkeypatch):

@@ -40,9 +40,12 @@ def test_gptq_and_awq_beat_rtn_on_trained_llama(tiny_model_dir, data):
     gres, gptq, _ = _run(tiny_model_dir, calib, test, "gptq", QuantArgs(bits=4, group_size=32))
     _, rtn_a, _ = _run(tiny_model_dir, calib, test, "rtn", QuantArgs(bits=4, group_size=32, sym=False))
     ares, awq, _ = _run(tiny_model_dir, calib, test, "awq", QuantArgs(bits=4, group_size=32, sym=False))
-    assert gptq.kld_mean <= 0.5 * rtn.kld_mean
+    # Held-out KLD of this 2-layer model is a handful of outlier positions (GPTQ/RTN moved from 0.16x to 0.72x
+    # between two CPUs that train test-tiny differently): the halving is asserted on every layer's output error,
+    # the ranking on KLD.
+    assert gptq.kld_mean < rtn.kld_mean
     assert awq.kld_mean < rtn_a.kld_mean
-    assert all(r.error < r.rtn_error for r in gres.layers)
+    assert all(r.error <= 0.5 * r.rtn_error for r in gres.layers)
     assert len(gres.qweights) == 2 * 7 and "lm_head" not in gres.qweights
 
 
