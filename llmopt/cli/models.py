@@ -67,8 +67,12 @@ def info(
     revision: opt.Revision = None,
     as_json: opt.Json = False,
 ) -> None:
-    """Parameters, layers, heads, weight bytes and KV-cache bytes (2·layers·tokens·kv_heads·head_dim·bytes)."""
-    from llmopt.models import ModelSpec, load_config, model_info, resolve_path
+    """Parameters, layers, heads, weight bytes and KV-cache bytes (layers·tokens·kv_heads·(k+v head dims)·bytes).
+
+    Sliding-window layers are counted apart and hold at most `window` tokens; MLA models show both the
+    decompressed K/V llmopt's engine caches and the latent (kv_lora_rank + qk_rope_head_dim) vLLM caches.
+    """
+    from llmopt.models import ModelSpec, check_weights, load_config, model_info, resolve_path
     from llmopt.utils import resolve_device, resolve_dtype
 
     if context <= 0 or batch <= 0:
@@ -76,6 +80,7 @@ def info(
     spec = ModelSpec(model, device, dtype, trust_remote_code, revision)
     path = resolve_path(spec)
     config = load_config(path, trust_remote_code)
+    check_weights(path)  # a truncated or garbled shard fails here, not as a library traceback later
     mi = model_info(model, path, config, resolve_dtype(dtype, resolve_device(device)), context, batch)
     if as_json:
         out.print_json(json.dumps(asdict(mi)))
@@ -86,10 +91,20 @@ def info(
         ("layers", "layers", str), ("heads", "attention heads", str), ("kv_heads", "kv heads", str),
         ("head_dim", "head dim", str), ("hidden_size", "hidden size", str), ("vocab_size", "vocab", "{:,}".format),
         ("dtype", "dtype", str), ("quantization", "quantization", lambda v: v or "none"),
-        ("weight_bytes", "weight bytes", _bytes), ("kv_bytes_per_token", "KV bytes / token", _bytes),
+        ("weight_bytes", "weight bytes", _bytes),
     ]:
         t.add_row(label, fmt(getattr(mi, key)))
+    if mi.k_head_dim != mi.v_head_dim:
+        t.add_row("cached K / V head dim", f"{mi.k_head_dim} / {mi.v_head_dim} (MLA, decompressed)")
+    t.add_row("full-attention layers", f"{mi.full_layers} × {_bytes(mi.kv_bytes_per_token_layer)} / token")
+    if mi.sliding_layers:
+        t.add_row("sliding-window layers", f"{mi.sliding_layers} × {_bytes(mi.kv_bytes_per_token_layer)} / token, "
+                                           f"capped at {mi.sliding_window} tokens")
+    t.add_row("KV bytes / token", _bytes(mi.kv_bytes_per_token))
     t.add_row(f"KV bytes ({batch} × {context} tokens)", _bytes(mi.kv_bytes))
+    if mi.latent_kv_bytes is not None:
+        t.add_row("latent KV bytes / token (vLLM MLA)", _bytes(mi.latent_kv_bytes_per_token))
+        t.add_row(f"latent KV bytes ({batch} × {context} tokens)", _bytes(mi.latent_kv_bytes))
     out.print(t)
 
 

@@ -1,4 +1,11 @@
-"""Model shape facts and the KV-cache size formula."""
+"""Model shape facts and the KV-cache size formula.
+
+Per layer and token a decoder caches kv_heads·(k_head_dim + v_head_dim) values. Sliding-window layers keep at
+most `window` tokens (the cap llmopt's engine frees blocks to when every layer slides, and HF's sliding cache
+layers keep), full-attention layers every token. MLA (DeepSeek V2/V3) is counted twice: as the decompressed
+per-head K (qk_nope + qk_rope dims) and V (v_head_dim) that llmopt's engine caches, and as the latent
+(kv_lora_rank + qk_rope_head_dim per token and layer) that vLLM and transformers 5's own cache keep.
+"""
 
 from __future__ import annotations
 
@@ -26,11 +33,49 @@ class ModelInfo:
     vocab_size: int
     dtype: str
     weight_bytes: int
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # every layer, before any window caps it
     context: int
     batch: int
-    kv_bytes: int
+    kv_bytes: int  # batch · context tokens, sliding layers capped at the window
     quantization: str | None
+    full_layers: int
+    sliding_layers: int
+    sliding_window: int | None  # tokens a sliding layer keeps at most
+    k_head_dim: int
+    v_head_dim: int
+    kv_bytes_per_token_layer: int  # one layer, one token (full and sliding layers alike)
+    latent_kv_bytes_per_token: int | None  # MLA: vLLM's latent cache, every layer
+    latent_kv_bytes: int | None  # MLA: vLLM's latent cache for batch · context tokens
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """What a decoder caches per token and layer, read from its config."""
+
+    full_layers: int
+    sliding_layers: int
+    window: int | None  # a sliding layer keeps at most this many tokens
+    kv_heads: int  # heads cached: MLA caches every query head's decompressed K and V
+    k_head_dim: int
+    v_head_dim: int
+    latent_dim: int | None = None  # MLA: kv_lora_rank + qk_rope_head_dim (vLLM's cache entry per token and layer)
+
+    @property
+    def layers(self) -> int:
+        return self.full_layers + self.sliding_layers
+
+    def layer_bytes_per_token(self, bytes_per_el: int) -> int:
+        return self.kv_heads * (self.k_head_dim + self.v_head_dim) * bytes_per_el
+
+    def bytes(self, tokens: int, bytes_per_el: int) -> int:
+        """Cache bytes of one sequence of `tokens` tokens: sliding layers hold min(tokens, window) of them."""
+        kept = tokens if self.window is None else min(tokens, self.window)
+        per = self.layer_bytes_per_token(bytes_per_el)
+        return (self.full_layers * tokens + self.sliding_layers * kept) * per
+
+    def latent_bytes(self, tokens: int, bytes_per_el: int) -> int | None:
+        """MLA: the latent cache's bytes (vLLM), every layer holding every token; None without MLA."""
+        return None if self.latent_dim is None else self.layers * tokens * self.latent_dim * bytes_per_el
 
 
 def attention_shape(config) -> tuple[int, int, int, int]:
@@ -40,6 +85,24 @@ def attention_shape(config) -> tuple[int, int, int, int]:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return text.num_hidden_layers, heads, kv_heads, head_dim
+
+
+def kv_layout(config) -> KVLayout:
+    """Full vs sliding layers (`layer_types`, else every layer when `sliding_window` is set and not switched off
+    by `use_sliding_window`), cached heads and head dims (MLA: decompressed K and V)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, heads, kv_heads, head_dim = attention_shape(text)
+    window = getattr(text, "sliding_window", None) or None
+    types = getattr(text, "layer_types", None)
+    if types:
+        sliding = sum(t == "sliding_attention" for t in types)
+    else:
+        sliding = layers if window and getattr(text, "use_sliding_window", True) is not False else 0
+    if getattr(text, "kv_lora_rank", None):
+        rope = text.qk_rope_head_dim
+        return KVLayout(layers - sliding, sliding, window if sliding else None, heads, text.qk_nope_head_dim + rope,
+                        text.v_head_dim, text.kv_lora_rank + rope)
+    return KVLayout(layers - sliding, sliding, window if sliding else None, kv_heads, head_dim, head_dim)
 
 
 def kv_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, bytes_per_el: int) -> int:
@@ -78,10 +141,16 @@ def model_info(name: str, path: Path, config, dtype: torch.dtype, context: int =
     else:
         weight_bytes = params * el
         quant = None
-    per_token = kv_bytes(layers, kv_heads, head_dim, 1, el)
+    layout = kv_layout(config)
+    per_layer = layout.layer_bytes_per_token(el)
+    latent = layout.latent_bytes(1, el)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelInfo(name=name, architecture=(config.architectures or [type(model).__name__])[0], params=params,
                      layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden_size=text.hidden_size,
                      vocab_size=text.vocab_size, dtype=str(dtype).removeprefix("torch."), weight_bytes=weight_bytes,
-                     kv_bytes_per_token=per_token, context=context, batch=batch,
-                     kv_bytes=per_token * context * batch, quantization=quant)
+                     kv_bytes_per_token=layout.layers * per_layer, context=context, batch=batch,
+                     kv_bytes=layout.bytes(context, el) * batch, quantization=quant, full_layers=layout.full_layers,
+                     sliding_layers=layout.sliding_layers, sliding_window=layout.window,
+                     k_head_dim=layout.k_head_dim, v_head_dim=layout.v_head_dim, kv_bytes_per_token_layer=per_layer,
+                     latent_kv_bytes_per_token=latent,
+                     latent_kv_bytes=None if latent is None else layout.latent_bytes(context, el) * batch)

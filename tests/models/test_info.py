@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from llmopt.cli.main import app
 from llmopt.models import ModelSpec, attention_shape, kv_bytes, load_model
+from llmopt.models.info import kv_layout
 
 
 def _cache_bytes(cache) -> int:
@@ -48,3 +50,63 @@ def test_info_table_and_bad_context(tiny_model_dir):
     assert r.exit_code == 0 and "KV bytes" in r.output and "bfloat16" in r.output
     r = runner.invoke(app, ["models", "info", str(tiny_model_dir), "--context", "0"])
     assert r.exit_code == 2
+
+
+def _family(name: str, **kw):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "families"))
+    from family_models import family_config, family_model
+
+    return family_config(name, **kw), family_model
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "starcoder2", "gemma2", "gemma3_text", "exaone4",
+                                    "deepseek_v3"])
+def test_kv_layout_matches_what_the_engine_caches(family):
+    from llmopt.engine import EngineConfig, LLMEngine
+
+    _, family_model = _family(family)
+    model = family_model(family)
+    layout = kv_layout(model.config)
+    engine = LLMEngine(model, EngineConfig(kv_budget=10 ** 7, block_size=4))
+    windows = [s.window for s in engine.specs]
+    assert layout.sliding_layers == sum(w is not None for w in windows)
+    assert layout.full_layers == windows.count(None)
+    assert layout.window == max((w for w in windows if w is not None), default=None)
+    assert layout.layers * layout.layer_bytes_per_token(4) == engine.kv_bytes_per_token
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "deepseek_v3"])
+def test_sliding_cap_and_mla_latent_match_hf_cache(family):
+    _, family_model = _family(family)
+    model = family_model(family, **({"experts_implementation": "eager"} if family == "deepseek_v3" else {}))
+    layout = kv_layout(model.config)
+    out = model.generate(torch.arange(4, 34)[None], max_new_tokens=10, do_sample=False,
+                         return_dict_in_generate=True, pad_token_id=3)
+    tokens = out.sequences.shape[1] - 1
+    measured = _cache_bytes(out.past_key_values)
+    if family == "deepseek_v3":  # transformers caches MLA's latent, as vLLM does
+        assert measured == layout.latent_bytes(tokens, 4) < layout.bytes(tokens, 4)
+    else:  # between steps HF's sliding layers keep window − 1 tokens; the step's own query token makes window
+        assert layout.bytes(tokens, 4) - measured == layout.sliding_layers * layout.layer_bytes_per_token(4)
+
+
+def test_info_json_counts_sliding_layers_and_mla_latent(tmp_path):
+    runner = CliRunner()
+    _, family_model = _family("gemma3_text")
+    family_model("gemma3_text").save_pretrained(tmp_path / "g")
+    info = json.loads(runner.invoke(app, ["models", "info", str(tmp_path / "g"), "--context", "100", "--json",
+                                          "--dtype", "float32"]).output)
+    per = 2 * 2 * 16 * 4  # kv heads · (K + V) head dim 16 · float32
+    assert (info["full_layers"], info["sliding_layers"], info["sliding_window"]) == (2, 2, 8)
+    assert info["kv_bytes_per_token"] == 4 * per and info["kv_bytes"] == (2 * 100 + 2 * 8) * per
+    family_model("deepseek_v3").save_pretrained(tmp_path / "d")
+    r = runner.invoke(app, ["models", "info", str(tmp_path / "d"), "--context", "100", "--dtype", "float32"])
+    assert r.exit_code == 0 and "MLA" in r.output
+    info = json.loads(runner.invoke(app, ["models", "info", str(tmp_path / "d"), "--context", "100", "--json",
+                                          "--dtype", "float32"]).output)
+    assert (info["k_head_dim"], info["v_head_dim"]) == (32, 16)
+    assert info["kv_bytes"] == 2 * 100 * 4 * (32 + 16) * 4  # layers · tokens · heads · (K + V) · float32
+    assert info["latent_kv_bytes"] == 2 * 100 * (32 + 16) * 4  # layers · tokens · (kv_lora_rank + rope) · float32
