@@ -134,10 +134,16 @@ class QuantizeResult:
         return d
 
 
+def _is_class(module: nn.Module, pattern: str) -> bool:
+    """A class-name pattern names the module's class or any base class (Falcon's FalconLinear is a Linear), as
+    compressed-tensors matches its targets."""
+    return any(cls.__name__ == pattern for cls in type(module).__mro__)
+
+
 def _match(name: str, module: nn.Module, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    return pattern == type(module).__name__ or fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern)
+    return _is_class(module, pattern) or fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern)
 
 
 def target_filter(model, targets: list[str], ignore: list[str]) -> Callable[[str], bool]:
@@ -155,7 +161,7 @@ def target_filter(model, targets: list[str], ignore: list[str]) -> Callable[[str
         if not isinstance(mod, nn.Linear) or any(_match(name, mod, p) for p in ignore):
             return False
         if mod is head or name in routers:
-            return any(p != type(mod).__name__ and _match(name, mod, p) for p in targets)
+            return any(not _is_class(mod, p) and _match(name, mod, p) for p in targets)
         return any(_match(name, mod, p) for p in targets)
 
     return is_target
@@ -209,9 +215,11 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         return run_backend(args, progress)
 
     from llmopt.calibration import DataSpec, load_token_batch
+    from llmopt.families import registry
+    from llmopt.families.linear_like import convert_conv1d
     from llmopt.families.moe import unfuse_experts
     from llmopt.quant.accounting import check_all_targeted_quantized
-    from llmopt.models import ModelSpec, load_model
+    from llmopt.models import ModelSpec, check_seq_len, load_model
     from llmopt.quant import formats
     from llmopt.quant.pipeline import check_finite_weights, quantize_model
     from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, resolve_dtype, write_json
@@ -228,7 +236,13 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
     # the model stays on the CPU; the pipeline moves one layer at a time to the device
     loaded = load_model(ModelSpec(args.model, "cpu", dtype_name(dtype), args.trust_remote_code, args.revision))
     model, tokenizer = loaded.model, loaded.tokenizer
+    check_seq_len(model.config, "--seq-len", args.seq_len, args.model)
+    if args.evaluate:
+        check_seq_len(model.config, "--eval-seq-len", args.eval_seq_len, args.model)
     check_finite_weights(model)
+    if args.method in registry.SCALE_METHODS:
+        registry.require(model.config)  # before any heavy work: no scale mappings, no AWQ/SmoothQuant
+    converted = convert_conv1d(model)  # GPT-2's Conv1D ([in, out] weights) → exact nn.Linear
     unfused = unfuse_experts(model)  # MoE: fused 3-D expert tensors → per-expert Linears every method quantizes
     is_target = target_filter(model, args.targets, args.ignore)
     names = _check_shapes(model, is_target, qargs)
@@ -284,7 +298,8 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
             "method": args.method, "format": args.format, "args": args.to_dict(), "quant_args": asdict(qargs),
             "calibration": calibration, "timings": timings, "layers": layers, "metrics": metrics,
             "evaluated_with": evaluated_with, "quantized_modules": len(names), "ignored_modules": ignored,
-            "moe": moe_info, "parameters_by_kind": parameters,
+            "moe": moe_info, "parameters_by_kind": parameters, "conv1d_as_linear": converted,
+            "scale_migration": _scale_summary(model, args.method),
         })
     return res
 
@@ -297,6 +312,22 @@ def _kind_counter(model, is_target: Callable[[str], bool], args: QuantizeArgs):
         return any(_match(name, module, p) for p in args.ignore)
 
     return lambda quantized: count_by_kind(model, quantized, is_target, is_ignored, "Linear" in args.targets)
+
+
+def _scale_summary(model, method: str) -> dict | None:
+    """AWQ/SmoothQuant: per distinct decoder-layer plan, the groups folded and those skipped with the reason."""
+    from llmopt.families import registry
+
+    if method not in registry.SCALE_METHODS:
+        return None
+    _, layers, prefix = registry.decoder_layers(model)
+    plans: dict[str, dict] = {}
+    for i, layer in enumerate(layers):
+        d = registry.layer_plan(layer, model.config).to_dict()
+        del d["shared_inputs"]
+        key = repr(d)
+        plans.setdefault(key, {"layers": [], **d})["layers"].append(f"{prefix}.{i}")
+    return {"family": model.config.model_type, "plans": list(plans.values())}
 
 
 def _moe_summary(model, unfused: list[str], layers: list[dict]) -> dict | None:
@@ -338,7 +369,7 @@ def _evaluate(args: QuantizeArgs, path: Path, windows: torch.Tensor, device: tor
     """Quality of the written checkpoint, reloaded through llmopt's runtime (what users will run), and of the
     float model, on the same windows."""
     from llmopt.evaluate.quality import measure_quality
-    from llmopt.models import ModelSpec, load_model
+    from llmopt.models import ModelSpec, check_seq_len, load_model
     from llmopt.utils import dtype_name
 
     base = load_model(ModelSpec(args.model, str(device), dtype_name(dtype), args.trust_remote_code, args.revision))

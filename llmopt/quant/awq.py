@@ -3,7 +3,7 @@
 1. Scale search: for the Linears that read one input X, try s = mean|X|^α (normalised) for α on a grid,
    quantize W·s, and keep the α whose output X·(Q(W·s)/s)ᵀ is closest to X·Wᵀ. α = 0 (s = 1, plain RTN)
    is on the grid, so the chosen scales never do worse than RTN on the search tokens. The scales are folded
-   into the preceding op (mappings.fold_scales), leaving the float function unchanged.
+   into the preceding op (families.registry.fold_scales), leaving the float function unchanged.
 2. Clip search: per output channel and group, shrink the weight range by a ratio r ≤ 1 and keep the r
    whose group output error dᵀ·(XᵍᵀXᵍ)·d is smallest; r = 1 (no clipping) is on the grid.
 

@@ -32,19 +32,15 @@ import torch
 from torch import nn
 
 from llmopt.errors import LlmoptError
-from llmopt.families import moe
+from llmopt.families import moe, registry
+from llmopt.families.registry import LayerPlan, ScaleGroup, fold_scales
 from llmopt.quant import awq as awq_mod
 from llmopt.quant.gptq import HessianAccumulator, gptq_quantize
-from llmopt.quant.mappings import SUPPORTED_MODEL_TYPES, ScaleGroup, fold_scales, scale_groups
 from llmopt.quant.rtn import fake_quantize_activations, rtn_quantize
 from llmopt.quant.smoothquant import ActMaxAccumulator, smooth_scales, w8a8_quantize
 from llmopt.quant.types import QuantArgs, QuantizedWeight
 
 CHECK_TOKENS = 1024  # calibration tokens on which each layer's output error is measured
-# siblings that read the very same input tensor in Llama-style layers (and DeepSeek's latent attention)
-_SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
-                  ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
-                  ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"))
 
 ProgressFn = Callable[[int, int], None]  # (layers done, layers total)
 
@@ -79,14 +75,8 @@ class _Stop(Exception):
 
 
 def decoder_layers(model) -> tuple[nn.Module, nn.ModuleList, str]:
-    """(decoder, its layers, the layers' module name prefix) of a transformers causal LM."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise LlmoptError(f"{type(model).__name__} has no decoder `layers` list: llmopt quantize supports "
-                          f"Llama-style causal LMs (Llama, Mistral, Qwen2/3, ...)")
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    return decoder, layers, prefix
+    """(decoder, its layers, the layers' module name) of a transformers causal LM (families/registry.py)."""
+    return registry.decoder_layers(model)
 
 
 def check_finite_weights(model) -> None:
@@ -110,8 +100,8 @@ def capture_inputs(model, input_ids: torch.Tensor, batch_size: int, device: torc
                    ) -> list[tuple[torch.Tensor, dict]]:
     """Inputs of the first decoder layer for each calibration batch: (hidden [B, L, H], layer kwargs)."""
     decoder, layers, _ = decoder_layers(model)
-    for name, child in decoder.named_children():
-        if name != "layers":  # embeddings, rotary tables, final norm: small, kept on the device
+    for child in decoder.children():
+        if child is not layers:  # embeddings, rotary tables, final norm: small, kept on the device
             child.to(device)
     captured: list[tuple[torch.Tensor, dict]] = []
 
@@ -155,12 +145,12 @@ def act_quant_hooks(modules: dict[str, nn.Module]):
     return _hooks(modules, lambda _n, x: fake_quantize_activations(x, 8))
 
 
-def _owners(names: list[str], shared: bool, moe_groups: list[tuple[str, ...]] = ()) -> dict[str, str]:
-    """Linear name → name of the Linear whose collector it shares (itself unless a sibling reads the same input).
-    moe_groups: the experts (and shared expert) of each MoE block, which all read the block input."""
+def _owners(names: list[str], plan: LayerPlan) -> dict[str, str]:
+    """Linear name → name of the Linear whose collector it shares (itself unless a sibling reads the same input:
+    the registry's shared-input groups, which include every expert of an MoE block under calibrate_all)."""
     owner = {n: n for n in names}
     present = set(names)
-    for group in (*(_SHARED_INPUTS if shared else ()), *moe_groups):
+    for group in plan.inputs:
         members = [m for m in group if m in present]
         for m in members[1:]:
             owner[m] = members[0]
@@ -217,7 +207,7 @@ class LayerQuantizer:
 
     @torch.no_grad()
     def quantize_group(self, layer: nn.Module, names: list[str], linears: dict[str, nn.Module], stat,
-                       done: dict[str, QuantizedWeight], is_decoder_layer: bool = True
+                       done: dict[str, QuantizedWeight], plan: LayerPlan | None
                        ) -> tuple[dict[str, QuantizedWeight], dict]:
         """Quantize the target Linears `names` that read one input (stat: its collector; None when data-free),
         in place (dequantized weights written back). AWQ/SmoothQuant first fold their per-input-channel scales s
@@ -225,7 +215,7 @@ class LayerQuantizer:
         and only its row scales (and bias) are divided by s. Returns (codes, detail)."""
         detail: dict = {}
         s = None
-        group = _scale_group(layer, self.config, names[0]) if self.method in ("awq", "w8a8") and is_decoder_layer \
+        group = _scale_group(plan, names[0]) if self.method in registry.SCALE_METHODS and plan is not None \
             else None
         if group is not None:
             if self.method == "w8a8":
@@ -237,11 +227,7 @@ class LayerQuantizer:
                 detail[group.prev] = {"alpha": alpha, "loss_vs_rtn": loss / rtn_loss if rtn_loss > 0 else 1.0}
             fold_scales(layer, group, s)
             if group.prev in done:  # rows of a quantized Linear / s: same codes, scales / s
-                prev = done[group.prev]
-                sc = s.to(prev.scales.device)
-                prev.scales = prev.scales / sc.to(prev.scales.dtype).unsqueeze(1)
-                if prev.bias is not None:
-                    prev.bias = prev.bias / sc.to(prev.bias.dtype)
+                _divide_rows(done[group.prev], group, s)
         if self.method == "gptq":
             hessian = stat.hessian()
             out = {}
@@ -303,9 +289,23 @@ def _row_chunks(names: list[str], linears: dict[str, nn.Module]) -> list[list[st
     return chunks
 
 
-def _scale_group(layer: nn.Module, config, first: str) -> ScaleGroup | None:
+def _scale_group(plan: LayerPlan, first: str) -> ScaleGroup | None:
     """The foldable group whose Linears include `first` (None: nothing precedes it that can take a scale)."""
-    return next((g for g in scale_groups(layer, config) if first in g.linears), None)
+    return next((g for g in plan.scales if first in g.linears), None)
+
+
+def _divide_rows(qw: QuantizedWeight, group: ScaleGroup, s: torch.Tensor) -> None:
+    """The producer of a fold is a Linear already quantized: its (group's) output rows / s keep the codes and
+    divide the row scales (and bias) instead."""
+    rows = slice(None) if group.rows is None else group.rows.to(qw.scales.device)
+    sc = s.to(device=qw.scales.device, dtype=qw.scales.dtype)
+    scales = qw.scales.clone()  # [out, G]
+    scales[rows] = scales[rows] / sc.unsqueeze(1)
+    qw.scales = scales
+    if qw.bias is not None:
+        bias = qw.bias.clone()
+        bias[rows] = bias[rows] / s.to(device=bias.device, dtype=bias.dtype)
+        qw.bias = bias
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
@@ -341,6 +341,7 @@ class _LayerWork:
     layer: nn.Module
     linears: dict[str, nn.Module]  # target Linears by name relative to the layer
     owner: dict[str, str]  # Linear → the Linear whose collector (input) it shares
+    plan: LayerPlan  # the registry's shared inputs and scale groups of this layer
     n_check: int  # leading batches on which the output error is measured
     last: bool  # nothing reads this layer's outputs but the check
 
@@ -358,7 +359,9 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
     t_start = time.perf_counter()
     decoder, layers, prefix = decoder_layers(model)
     config = model.config
-    shared = getattr(config, "model_type", "") in SUPPORTED_MODEL_TYPES
+    if method in registry.SCALE_METHODS:
+        registry.require(config)
+    known = registry.family(config) is not None
     n, seq_len = input_ids.shape
     batches = capture_inputs(model, input_ids, batch_size, device)
     n_check = max(1, math.ceil(min(n, max(1, CHECK_TOKENS // seq_len)) / batch_size))  # batches checked
@@ -367,7 +370,7 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
     head_name = next((nm for nm, m in model.named_modules() if m is head), None)
     quant_head = head_name is not None and is_target(head_name)
     total = len(layers) + int(quant_head)
-    use_staged = staged is not False and shared and method == "gptq"
+    use_staged = staged is not False and known and method == "gptq"
     qweights: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
     for i, layer in enumerate(layers):
@@ -375,8 +378,8 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
         layer.to(device)
         lp = f"{prefix}.{i}."
         linears = {nm: m for nm, m in layer.named_modules() if isinstance(m, nn.Linear) and is_target(lp + nm)}
-        owners = _owners(list(linears), shared, moe.shared_input_groups(layer, config))
-        work = _LayerWork(i, layer, linears, owners, n_check,
+        plan = registry.layer_plan(layer, config)
+        work = _LayerWork(i, layer, linears, _owners(list(linears), plan), plan, n_check,
                           last=i == len(layers) - 1 and not quant_head)
         if use_staged and i == 0:
             use_staged = _SublayerStages.fits(layer, batches[0])
@@ -457,7 +460,7 @@ def _two_pass_layer(work: _LayerWork, batches, lq: LayerQuantizer
     for own, st in stats.items():
         names = [nm for nm in linears if owner[nm] == own]
         with _exact(device):
-            qw, d = lq.quantize_group(layer, names, linears, st, codes)
+            qw, d = lq.quantize_group(layer, names, linears, st, codes, work.plan)
         codes.update(qw)
         detail.update(d)
     stats.clear()  # free Hessians before the next layer
@@ -559,7 +562,7 @@ def _staged_layer(work: _LayerWork, batches, lq: LayerQuantizer
         if st is not None:
             with _exact(device):
                 codes.update(lq.quantize_group(layer, [nm for nm in linears if owner[nm] == owner[names[0]]],
-                                               linears, st, codes)[0])
+                                               linears, st, codes, work.plan)[0])
 
     g_qkv, g_o, g_gu, g_down = _SublayerStages.GROUPS
     calibrate(g_qkv, (stages.qkv_input(x) for x, _ in batches))
@@ -598,7 +601,10 @@ def _quantize_head(model, decoder, head: nn.Linear, head_name: str, batches, lq:
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
     head.to(device)
-    norm = getattr(decoder, "norm", None) or nn.Identity()
+    norm = registry.final_norm(model)
+    if norm is None:
+        raise LlmoptError(f"cannot quantize {head_name}: the norm before it is unknown for "
+                          f"{getattr(model.config, 'model_type', '')!r} (not in llmopt's family registry)")
     st = lq.collector(head.in_features, device)
     xs = [norm(x) for x, _ in batches]  # [B, L, H] each
     if st is not None:
@@ -613,7 +619,7 @@ def _quantize_head(model, decoder, head: nn.Linear, head_name: str, batches, lq:
         for x, r in zip(check, ref, strict=True):
             rtn_meter.add(head(x), r)
     _restore(linears, saved)
-    qw, _ = lq.quantize_group(head, [""], linears, st, {}, is_decoder_layer=False)
+    qw, _ = lq.quantize_group(head, [""], linears, st, {}, None)
     with act_quant_hooks(linears) if lq.act_bits else contextlib.nullcontext():
         for x, r in zip(check, ref, strict=True):
             meter.add(head(x), r)

@@ -1,7 +1,7 @@
 """SmoothQuant (Xiao et al., 2022) for W8A8: move activation outliers into the weights before INT8.
 
 s_j = max|X_j|^α / max|W_j|^(1-α) per input channel j (W over every Linear reading that input); the
-Linears' columns are multiplied by s and the preceding op divided by it (mappings.fold_scales), so the
+Linears' columns are multiplied by s and the preceding op divided by it (families.registry.fold_scales), so the
 float function is unchanged and per-token INT8 activations lose less. Weights are then RTN INT8 per
 output channel, activations quantized dynamically per token at run time (QuantizedWeight.act_bits = 8).
 """

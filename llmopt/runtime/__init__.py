@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from llmopt.errors import LlmoptError
-from llmopt.families import moe
+from llmopt.families import linear_like, moe
 from llmopt.runtime.linear import QuantLinear, build_linear, clear_kernel_cache
 
 
@@ -38,6 +38,7 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
     with init_empty_weights(include_buffers=False):  # params on meta; buffers such as rotary tables stay real
         model = AutoModelForCausalLM.from_config(float_config, dtype=dtype)
     moe.unfuse_experts(model)  # per-expert Linears, as the checkpoint stores experts
+    converted = linear_like.convert_conv1d(model)  # GPT-2: quantized Conv1Ds are stored as Linears
     ours = moe.internal_renamer(config)
     qweights = {ours(n): qw for n, qw in qweights.items()}
     others = {ours(k): t for k, t in others.items()}
@@ -48,6 +49,10 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
                           f"{config.model_type} model")
     for name, qw in qweights.items():
         _set_module(model, name, build_linear(qw, device, dtype))
+    for name in converted:  # a Conv1D left float keeps the hub's [in, out] weight on disk
+        key = f"{name}.weight"
+        if key in others:
+            others[key] = others[key].t()
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in others.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:

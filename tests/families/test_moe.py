@@ -198,7 +198,7 @@ def test_starved_expert_is_quantized_from_its_statistics(starved_runs):
 def test_scale_groups_fold_exactly_routers_included(family):
     """Folding any positive scales through every AWQ/SmoothQuant group leaves the float model's logits unchanged:
     the routers read the scaled norm output too, so their columns must take the scales (float64)."""
-    from llmopt.quant.mappings import fold_scales, scale_groups
+    from llmopt.families.registry import fold_scales, scale_groups
 
     model = moe_model(family, dtype=torch.float64, experts="eager")
     moe.unfuse_experts(model)

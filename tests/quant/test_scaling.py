@@ -9,7 +9,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from llmopt.errors import LlmoptError
 from llmopt.quant import awq
-from llmopt.quant.mappings import fold_scales, scale_groups
+from llmopt.families.registry import fold_scales, scale_groups
 from llmopt.quant.rtn import fake_quantize_activations, rtn_quantize
 from llmopt.quant.smoothquant import ActMaxAccumulator, smooth_scales
 from llmopt.quant.types import QuantArgs
@@ -52,7 +52,7 @@ def test_folded_scales_leave_function_unchanged(kind, kv):
 
 def test_unsupported_family_refused():
     cfg, layer = _layer("llama", 2)
-    cfg.model_type = "gpt2"
+    cfg.model_type = "bloom"  # not in the family registry
     with pytest.raises(LlmoptError, match="gptq or rtn"):
         scale_groups(layer, cfg)
 

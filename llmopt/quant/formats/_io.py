@@ -32,9 +32,13 @@ def plain_tensors(model: torch.nn.Module, qweights: dict[str, QuantizedWeight]) 
     """Every state-dict tensor except the float weights (and biases) of quantized Linears.
 
     Tensors sharing storage (tied embeddings) are written once, under the first name, as
-    save_pretrained does; the loader re-ties them from the config.
+    save_pretrained does; the loader re-ties them from the config. A float Linear converted from a Conv1D
+    (GPT-2) keeps the hub's [in, out] weight layout (families/linear_like.py).
     """
+    from llmopt.families.linear_like import hub_weight, is_converted
+
     skip = {f"{n}.weight" for n in qweights} | {f"{n}.bias" for n in qweights}
+    converted = {f"{n}.weight": m for n, m in model.named_modules() if is_converted(m)}
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for key, t in model.state_dict().items():
@@ -44,6 +48,8 @@ def plain_tensors(model: torch.nn.Module, qweights: dict[str, QuantizedWeight]) 
         if ident in seen:
             continue
         seen.add(ident)
+        if key in converted:
+            t = hub_weight(converted[key], t)
         out[key] = t.detach().cpu().contiguous()
     return out
 
