@@ -162,19 +162,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 def _probe(probe: AttentionProbe, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            scaling: float | None, kwargs: dict) -> tuple[torch.Tensor, None]:
     """Record the layer's spec from what its module passes, and attend causally over the new tokens."""
-    layer = getattr(module, "layer_idx", None)
-    if layer is None:
-        probe.refusals.append(f"attention module {type(module).__name__} without a layer_idx")
-        layer = -1 - len(probe.specs)
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     softcap = kwargs.get("softcap")
+    spec = LayerSpec(key.shape[1], key.shape[3], value.shape[3], int(window) if window else None,
+                     float(softcap) if softcap else None)
     if kwargs.get("s_aux") is not None:
         probe.refusals.append("attention sinks (s_aux)")
     if getattr(module, "is_causal", True) is False:
         probe.refusals.append("non-causal attention")
-    probe.specs[layer] = LayerSpec(key.shape[1], key.shape[3], value.shape[3], int(window) if window else None,
-                                   float(softcap) if softcap else None)
-    out = _attend(query, key, value, None, scaling, probe.specs[layer].softcap)  # [1, H, T, Dv]
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:  # the cache is indexed by layer
+        probe.refusals.append(f"attention module {type(module).__name__} without a layer_idx")
+    else:
+        probe.specs[layer] = spec
+    out = _attend(query, key, value, None, scaling, spec.softcap)  # [1, H, T, Dv]
     return out.transpose(1, 2), None
 
 

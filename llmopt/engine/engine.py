@@ -58,10 +58,11 @@ class KVStats:
     num_blocks: int
     pool_bytes: int  # the whole pool
     peak_blocks: int
-    peak_tokens: int  # tokens held at that peak
+    peak_tokens: int  # tokens the held blocks stored at that peak (blocks out of the window were freed)
     allocated_bytes: int  # peak_blocks' bytes
-    formula_bytes: int  # peak_tokens·Σ_layers kv_heads·(k_head_dim + v_head_dim)·bytes (2·layers·kv_heads·head_dim
-    #                     when K and V share a head dim; MLA's decompressed K and V differ)
+    # peak_tokens·Σ_layers kv_heads·(k_head_dim + v_head_dim)·bytes: 2·layers·kv_heads·head_dim·bytes per token
+    # where K and V share a head dim; MLA's decompressed K and V do not
+    formula_bytes: int
     waste_bytes: int  # allocated − formula: the unused tails of blocks
     preemptions: int
 
@@ -76,7 +77,8 @@ class LLMEngine:
         self.clock = clock
         dtype = model_dtype(model)
         device = model.get_input_embeddings().weight.device
-        self.kv_bytes_per_token = sum(s.values_per_token for s in self.specs) * torch.empty((), dtype=dtype).element_size()
+        el = torch.empty((), dtype=dtype).element_size()
+        self.kv_bytes_per_token = sum(s.values_per_token for s in self.specs) * el  # every layer, one token
         per_block = self.kv_bytes_per_token * config.block_size
         num_blocks = config.kv_budget // per_block
         if num_blocks < 1:

@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmopt.engine.block_manager import BlockManager, blocks_for
+from llmopt.engine.block_manager import FREED, BlockManager, blocks_for
 from llmopt.engine.sampling import SamplingParams
 from llmopt.engine.sequence import Sequence
 
@@ -68,3 +68,42 @@ def test_peak_counts_tokens_held():
     bm.release(a)
     bm.reserve(b, 8)
     assert (bm.stats.peak_blocks, bm.stats.peak_tokens) == (3, 9)  # the peak stays the earlier one
+
+
+def _check_windowed(bm: BlockManager, seqs: list[Sequence]) -> None:
+    held = [b for s in seqs for b in s.block_table if b != FREED]
+    assert len(held) == len(set(held)) and not set(held) & set(bm.free)
+    assert len(held) + bm.num_free == bm.stats.num_blocks, "blocks leaked or duplicated"
+    for s in seqs:
+        live = [b != FREED for b in s.block_table]
+        assert live == sorted(live), "FREED entries are a prefix: the table stays positional"
+        oldest_visible = max(0, s.num_computed - bm.window + 1)
+        assert all(live[oldest_visible // bm.block_size:]), "a block a future query sees was freed"
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_blocks=st.integers(4, 20), block_size=st.integers(1, 8), window=st.integers(1, 12),
+       ops=st.lists(st.tuples(st.sampled_from(["step", "release", "rollback"]), st.integers(0, 2),
+                              st.integers(1, 9)), max_size=60))
+def test_window_frees_only_blocks_no_future_query_sees(num_blocks, block_size, window, ops):
+    bm = BlockManager(num_blocks, block_size, window)
+    seqs = [_seq(i) for i in range(3)]
+    for op, i, n in ops:
+        s = seqs[i]
+        if op == "step":  # what the scheduler does: reserve room for n more tokens, then compute them
+            if bm.can_reserve(s, s.num_computed + n):
+                bm.reserve(s, s.num_computed + n)
+                s.num_computed += n
+        elif op == "release":
+            bm.release(s)
+            s.num_computed = 0
+        else:  # speculative rollback: reserve n ahead, compute, keep only the first accepted one
+            if bm.can_reserve(s, s.num_computed + n):
+                bm.reserve(s, s.num_computed + n)
+                s.num_computed += 1
+                bm.truncate(s, s.num_computed)
+        _check_windowed(bm, seqs)
+        assert bm.stats.peak_tokens <= bm.stats.peak_blocks * block_size
+    for s in seqs:
+        bm.release(s)
+    assert bm.num_free == num_blocks
