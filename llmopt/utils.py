@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -95,20 +98,65 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise LlmoptError(f"cannot write to {probe}: choose a writable --out") from None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete the temp folders `atomic_dir` left beside `out` in runs that were killed (their process is gone);
+    a live run's folders stay. Returns what was removed."""
+    removed = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the text of a library error (safetensors raises its own type)."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e) \
+        or "StorageFull" in str(e)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `out`; on success rename it to `out`, on any error delete it.
 
-    An interrupted run therefore never leaves a half-written `out`.
+    An interrupted run therefore never leaves a half-written `out`; the temp dir's name carries the pid, so the
+    next run for the same `out` removes what a killed one left. A full disk becomes one clear error.
     """
     out = Path(out)
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    stale = remove_stale_temps(out)
+    if stale:
+        logging.getLogger("llmopt").warning(f"removed {len(stale)} temp folder(s) of an earlier interrupted run "
+                                            f"beside {out}: {', '.join(p.name for p in stale)}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        written = _tree_bytes(tmp) if _disk_full(e) else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            free = shutil.disk_usage(out.parent).free
+            raise LlmoptError(f"no space left on the device holding {out.parent} while writing {out}: it needs more "
+                              f"than the {written / 2 ** 20:,.1f} MiB written before the disk filled "
+                              f"({free / 2 ** 20:,.1f} MiB free now that they are removed): free space or choose "
+                              f"another --out") from None
         raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

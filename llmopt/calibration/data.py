@@ -95,12 +95,45 @@ def _local_texts(path: Path, split: str, text_field: str) -> list[str]:
     if None in kinds or len(kinds) != 1:
         raise LlmoptError(f"{path}: data files must all be one of .txt/.jsonl/.json/.parquet/.csv")
     builder = kinds.pop()
+    for f in files:
+        _check_data_file(f)
     if builder == "text":  # one document per file keeps paragraphs together
         return [f.read_text(encoding="utf-8", errors="replace") for f in files]
     import datasets
 
-    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as e:  # pyarrow/datasets parse errors of many types: one line naming the data
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise LlmoptError(f"cannot read {path} as {builder} data ({type(e).__name__}: {first}): check the file's "
+                          f"format matches its extension") from None
     return _column(ds, text_field, str(path))
+
+
+def _check_data_file(f: Path) -> None:
+    """Refuse an empty file, a binary one, and a .jsonl line that is not JSON, naming the file (and line)."""
+    import json
+
+    if f.stat().st_size == 0:
+        raise LlmoptError(f"data file {f} is empty: give a file with text in it")
+    with open(f, "rb") as fh:
+        head = fh.read(8192)
+    if b"\0" in head and f.suffix != ".parquet":
+        raise LlmoptError(f"data file {f} is binary, not {f.suffix} text: give a .txt/.jsonl/.json/.csv text file "
+                          f"(or .parquet)")
+    if f.suffix == ".jsonl":
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LlmoptError(f"data file {f}, line {i}, is not valid JSON ({e.msg}): one JSON object per "
+                                      f"line expected") from None
+                if not isinstance(row, dict):
+                    raise LlmoptError(f"data file {f}, line {i}, is not a JSON object: one object per line "
+                                      f"expected, e.g. {{\"text\": \"...\"}}")
 
 
 def _hub_texts(path: str, name: str | None, split: str, text_field: str, data_files: str | None) -> list[str]:

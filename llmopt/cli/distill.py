@@ -75,6 +75,8 @@ def distill(
                                             rich_help_panel=_R)] = 0,
     checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Where checkpoints go (default: "
                                                         "<out>.ckpt).", rich_help_panel=_R)] = None,
+    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep the step checkpoints after a "
+                                                   "finished run (default: deleted).", rich_help_panel=_R)] = False,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue from a checkpoint dir (step-N, or the "
                                                 "checkpoint folder for its newest).", rich_help_panel=_R)] = None,
     device: Device = "auto",
@@ -98,9 +100,9 @@ def distill(
         warmup=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm, loss=loss, temperature=temperature,
         beta=beta, alpha=alpha, hidden_weight=hidden_weight, top_k=top_k, on_policy_ratio=on_policy_ratio,
         on_policy_tokens=on_policy_tokens, sample_temperature=sample_temperature, compare_scratch=compare_scratch,
-        save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume, device=device,
-        teacher_dtype=teacher_dtype, mixed_precision=mixed_precision, seed=seed, trust_remote_code=trust_remote_code,
-        overwrite=overwrite)
+        save_every=save_every, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints, resume=resume,
+        device=device, teacher_dtype=teacher_dtype, mixed_precision=mixed_precision, seed=seed,
+        trust_remote_code=trust_remote_code, overwrite=overwrite)
     with _ProgressView() as view:
         result = run_distill(args, progress=view.update)
     from accelerate import PartialState

@@ -63,8 +63,6 @@ def evaluate(
     trust_remote_code: opt.TrustRemoteCode = False,
 ) -> None:
     """Evaluate models: perplexity / KLD / top-1 / lm-eval tasks, and TTFT, TPOT, ITL, throughput, memory, cost."""
-    from rich.console import Console
-
     from llmopt.cli.console import err, out
     from llmopt.evaluate.api import EvalArgs, evaluate as run_eval
     from llmopt.evaluate.report import finite, table
@@ -82,8 +80,7 @@ def evaluate(
     err.print(f"threads: {args.threads}  engine: {engine}")
     result = run_eval(args, progress=True)
     d = finite(result.to_dict())
-    # A terminal gets the table fitted to its width; a file or pipe gets it whole.
-    (out if out.is_terminal else Console(width=240, highlight=False)).print(table(d))
+    out.print(table(d))  # fitted to a terminal; whole in a file or pipe (console.py)
     for r in d["results"]:
         m, spec = r["memory"], r.get("speculative")
         if m.get("kv_bytes_allocated") is not None:

@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 from llmopt.distill import losses, student as students
-from llmopt.distill.trainer import (LossSettings, Progress, StepLog, TrainSettings, find_checkpoint, train,
-                                    verify_checkpoint)
+from llmopt.distill.trainer import (LossSettings, Progress, StepLog, TrainSettings, find_checkpoint,
+                                    remove_checkpoints, train, verify_checkpoint)
 from llmopt.errors import LlmoptError
 from llmopt.utils import atomic_dir, check_out_dir, resolve_device, sha256_json, write_json
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Fields that do not change the training trajectory: a resume may differ in these.
 _NOT_IN_RUN_KEY = {"out", "overwrite", "save_every", "checkpoint_dir", "resume", "compare_scratch", "eval_data",
-                   "eval_samples"}
+                   "eval_samples", "keep_checkpoints"}
 
 StatusFn = Callable[[Progress | str], None]
 
@@ -63,6 +63,7 @@ class DistillArgs:
     compare_scratch: bool = False
     save_every: int = 0
     checkpoint_dir: Path | None = None  # default: <out>.ckpt beside --out
+    keep_checkpoints: bool = False  # a finished run deletes its step checkpoints (two student copies each) unless set
     resume: Path | None = None
     device: str = "auto"
     teacher_dtype: str = "auto"
@@ -191,7 +192,7 @@ def distill(args: DistillArgs, progress: StatusFn | None = None) -> DistillResul
     from accelerate.utils import set_seed
 
     from llmopt.calibration import DataSpec
-    from llmopt.models import ModelSpec, load_model, save_model
+    from llmopt.models import ModelSpec, check_seq_len, load_model, save_model
 
     def say(msg: str) -> None:
         if progress is not None and accelerator.is_main_process:
@@ -210,6 +211,8 @@ def distill(args: DistillArgs, progress: StatusFn | None = None) -> DistillResul
     teacher.model.requires_grad_(False)
     student = _build_student(args, teacher.model)
     students.check_same_vocab(teacher.model, teacher.tokenizer, student)
+    check_seq_len(teacher.model.config, "--seq-len", args.seq_len, f"the teacher {args.teacher}")
+    check_seq_len(student.model.config, "--seq-len", args.seq_len, "the student")
 
     data_spec = DataSpec(args.data, args.split, args.text_field, args.chat_template)
     train_wins = _windows(data_spec, teacher.tokenizer, args.seq_len, "train")
@@ -273,6 +276,8 @@ def distill(args: DistillArgs, progress: StatusFn | None = None) -> DistillResul
                 "metrics": metrics,
             })
             write_curve(tmp, curve)
+        if args.save_every and not args.keep_checkpoints:
+            remove_checkpoints(ckpt_root)
         result.files = {"checkpoint": str(args.out), "curve_csv": str(args.out / "loss_curve.csv"),
                         "curve_png": str(args.out / "loss_curve.png")}
     return result

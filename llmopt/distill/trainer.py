@@ -260,6 +260,14 @@ def save_checkpoint(root: Path, step: int, module, optimizer, scheduler, setting
     return out
 
 
+def remove_checkpoints(root: Path) -> None:
+    """Delete a finished run's step-* checkpoints, and their folder once nothing else is in it."""
+    for step in root.glob("step-*"):
+        shutil.rmtree(step, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty (the user's own files) or already gone
+        root.rmdir()
+
+
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint dir itself, or the newest step-* inside a checkpoint root."""
     path = Path(path)

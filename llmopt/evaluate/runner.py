@@ -16,12 +16,8 @@ from llmopt.evaluate.perf import Sampling, run_hf, run_llmopt, warmup_requests
 from llmopt.evaluate.progress import Bars
 from llmopt.evaluate.quality import Quality, measure_quality, sliding_windows
 from llmopt.evaluate.workload import make_workload
-from llmopt.models import ModelSpec, attention_shape, kv_bytes, load_config, load_model, load_tokenizer, resolve_path
-
-
-def _max_context(config) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(text, "max_position_embeddings", 0) or 2 ** 31)
+from llmopt.models import (ModelSpec, attention_shape, check_seq_len, kv_bytes, load_config, load_model,
+                           load_tokenizer, max_context, resolve_path)
 
 
 def weight_bytes(model) -> int:
@@ -91,12 +87,12 @@ class EvalRunner:
             check_available(a.tp)
         spec = a.workload_spec()
         for name in self.names:
-            ctx = _max_context(configs[name])
+            ctx = max_context(configs[name])
             if not a.quality_only and spec.prompt_len[1] + spec.output_len[1] > ctx:
                 raise LlmoptError(f"--prompt-len up to {spec.prompt_len[1]} plus --output-len up to "
                                   f"{spec.output_len[1]} exceeds {name}'s maximum context of {ctx}: shorten them")
-            if not a.perf_only and a.seq_len > ctx:
-                raise LlmoptError(f"--seq-len {a.seq_len} exceeds {name}'s maximum context of {ctx}: lower --seq-len")
+            if not a.perf_only:
+                check_seq_len(configs[name], "--seq-len", a.seq_len, name)
         self.texts  # noqa: B018  (a data source that cannot be read fails here)
 
     def run_all(self) -> list[ModelReport]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +94,23 @@ def load_config(path: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if not (path / "config.json").exists():
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
         raise LlmoptError(f"{path} has no config.json: expected a Hugging Face causal LM checkpoint directory")
+    try:
+        raw = json.loads(cfg_file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise LlmoptError(f"{cfg_file} is not valid JSON{where}: fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise LlmoptError(f"{cfg_file} is not a JSON object: fix or re-download it")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
         hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in str(e) else ""
-        raise LlmoptError(f"{path}/config.json is not a config transformers understands{hint}") from e
+        raise LlmoptError(f"{cfg_file} is not a config transformers understands{hint}") from e
+    except (OSError, EOFError) as e:  # remote code named by auto_map but absent; a confirmation prompt without stdin
+        raise _remote_code_error(path, raw, e) from e
     mtype = getattr(config, "model_type", "")
     if mtype in _ENCODER_ONLY or getattr(config, "is_encoder_decoder", False):
         raise LlmoptError(f"{path} is a {mtype!r} model ({'encoder-decoder' if config.is_encoder_decoder else 'encoder-only'}): "
@@ -109,6 +121,32 @@ def load_config(path: Path, trust_remote_code: bool = False):
     if not is_causal and not (trust_remote_code and getattr(config, "auto_map", None)):
         raise LlmoptError(f"{path} holds a {mtype!r} model that is not a causal LM: llmopt needs a decoder-only LM")
     return config
+
+
+def _remote_code_error(path: Path, raw: dict, e: BaseException) -> LlmoptError:
+    names = sorted({str(v).split(".")[0] + ".py" for v in (raw.get("auto_map") or {}).values()
+                    if isinstance(v, str)})
+    missing = [n for n in names if not (path / n).exists()]
+    if missing:
+        return LlmoptError(f"{path} names custom code in config.json's auto_map that is not there ({', '.join(missing)}"
+                           f"): copy the model's .py files beside config.json, or drop --trust-remote-code")
+    if isinstance(e, EOFError):
+        return LlmoptError(f"transformers asked to confirm running {path}'s custom code but stdin is not a terminal: "
+                           f"pass --trust-remote-code to allow it")
+    return LlmoptError(f"cannot read {path}/config.json ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+
+
+def max_context(config) -> int:
+    """The longest sequence the model was built for (max_position_embeddings; unbounded when it names none)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2 ** 31)
+
+
+def check_seq_len(config, option: str, tokens: int, name: str) -> None:
+    """Refuse windows longer than the model's context (positions past its trained or learned range)."""
+    ctx = max_context(config)
+    if tokens > ctx:
+        raise LlmoptError(f"{option} {tokens} exceeds {name}'s maximum context of {ctx}: lower {option}")
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -124,9 +162,78 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
+def read_json_config(path: Path) -> dict:
+    """config.json as a dict (load_config has already checked it parses)."""
+    return json.loads((path / "config.json").read_text())
+
+
 def read_meta(path: Path) -> dict:
     meta = path / "llmopt.json"
-    return json.loads(meta.read_text()) if meta.exists() else {}
+    if not meta.exists():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LlmoptError(f"{meta} is not valid JSON: re-run the command that wrote this checkpoint") from None
+
+
+_MAX_HEADER = 100 * 2 ** 20  # the safetensors library's own cap on a header's size
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors_file(f: Path) -> None:
+    """Header and size checks of one safetensors file, before anything reads its tensors: a truncated, empty or
+    garbled file becomes one clear error instead of a library traceback halfway through a run."""
+    size = f.stat().st_size
+    bad = f"{f} is not a valid safetensors file"
+    hint = ": re-download or re-export the checkpoint"
+    if size < 8:
+        raise LlmoptError(f"{bad} ({'empty' if size == 0 else f'{size} bytes'}){hint}")
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > min(_MAX_HEADER, size - 8):
+            raise LlmoptError(f"{bad} (header of {n:,} bytes in a {size:,}-byte file: truncated or garbage){hint}")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise LlmoptError(f"{bad} (its header is not JSON){hint}")
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            lo, hi = (int(x) for x in t["data_offsets"])
+            want = _DTYPE_BYTES.get(t["dtype"], 0) * math.prod(int(d) for d in t["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise LlmoptError(f"{bad} (entry {name!r} of its header is malformed){hint}") from None
+        if lo < 0 or hi < lo or (t["dtype"] in _DTYPE_BYTES and hi - lo != want):
+            raise LlmoptError(f"{bad} (tensor {name!r}: offsets {lo}..{hi} do not fit its dtype and shape){hint}")
+        end = max(end, hi)
+    if 8 + n + end != size:
+        raise LlmoptError(f"{bad} ({size:,} bytes, its header describes {8 + n + end:,}: "
+                          f"{'truncated' if size < 8 + n + end else 'trailing bytes'}){hint}")
+
+
+def check_weights(path: Path) -> None:
+    """Every weight file a checkpoint names exists and passes the header/size checks (no tensor is read)."""
+    _check_safetensors(path)
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise LlmoptError(f"{index} is not a valid weight index (JSON with a weight_map): re-export the "
+                              f"checkpoint") from None
+        missing = sorted(s for s in shards if not (path / s).exists())
+        if missing:
+            raise LlmoptError(f"{path} lacks the shard {missing[0]} that {index.name} names "
+                              f"({len(missing)} missing): the download or copy is incomplete")
+    for f in files:
+        check_safetensors_file(f)
 
 
 def _check_safetensors(path: Path) -> None:
@@ -150,7 +257,7 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     config = load_config(path, spec.trust_remote_code)
-    _check_safetensors(path)
+    check_weights(path)
     tokenizer = load_tokenizer(path, spec.trust_remote_code)
     legacy = path / "quantize_config.json"  # old AutoGPTQ checkpoints keep their settings only there
     if getattr(config, "quantization_config", None) is None and legacy.exists():
@@ -163,7 +270,9 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                          trust_remote_code=spec.trust_remote_code)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
+            if isinstance(e, EOFError) or "auto_map" in str(e) or ".py" in str(e):
+                raise _remote_code_error(path, read_json_config(path), e) from e
             raise LlmoptError(f"cannot load weights from {path} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160]})") from e
         model.to(device)

@@ -62,6 +62,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, distill_text, tm
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
     resumed = distill(_args(tiny_model_dir, tmp_path / "cut", distill_text, resume=ckpts, **kw))
     assert resumed.resumed_from == 4
+    # a finished run deletes its step checkpoints (each holds the student and the optimizer state)
+    assert not ckpts.exists() and not (tmp_path / "straight.ckpt").exists()
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -89,6 +91,11 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tiny_model_dir, disti
     with pytest.raises(LlmoptError, match="corrupt"):
         distill(_args(tiny_model_dir, tmp_path / "run", distill_text, save_every=2, resume=step))
     assert not (tmp_path / "run").exists()
+
+
+def test_keep_checkpoints_keeps_them(tiny_model_dir, distill_text, tmp_path):
+    distill(_args(tiny_model_dir, tmp_path / "run", distill_text, save_every=2, keep_checkpoints=True))
+    assert (tmp_path / "run.ckpt" / "step-000002" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("kw", [dict(student_layers=0), dict(alpha=1.5), dict(beta=1.0), dict(loss="kl"),
