@@ -12,6 +12,10 @@ from family_models import FAMILIES, family_model
 
 from llmopt.families import linear_like, moe, registry
 
+# family_config drops None overrides, so deepseek_v3's q_lora_rank=None becomes the default 1536 (a 1536-wide
+# q_a_proj that dominates the run time): keep the low-rank query path, at the tiny size
+OVERRIDES = {"deepseek_v3": dict(q_lora_rank=32)}
+
 # what each family's layer 0 must fold (prev names), so a registry entry cannot silently lose a group
 EXPECTED_FOLDS: dict[str, set[str]] = {
     "llama": {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"},  # GQA: no v → o
@@ -45,7 +49,7 @@ EXPECTED_FOLDS: dict[str, set[str]] = {
 def _prepared(family: str, **overrides):
     """A float64 model of `family` as quantize sees it (experts per expert, Conv1D as Linear), with every norm
     weight and bias perturbed so a fold that forgets one of them changes the output."""
-    model = family_model(family, dtype=torch.float64, **overrides)
+    model = family_model(family, dtype=torch.float64, **{**OVERRIDES.get(family, {}), **overrides})
     moe.unfuse_experts(model)
     linear_like.convert_conv1d(model)
     gen = torch.Generator().manual_seed(1)
@@ -137,7 +141,7 @@ def family_dirs(tiny_model_dir, tmp_path_factory):
 
     def get(family: str):
         if family not in dirs:
-            family_model(family).save_pretrained(root / family)
+            family_model(family, **OVERRIDES.get(family, {})).save_pretrained(root / family)
             tok.save_pretrained(root / family)
             dirs[family] = root / family
         return dirs[family]
@@ -166,7 +170,7 @@ def _targeted_weights(family: str) -> dict[str, int]:
     Conv1D as Linear; routers, embeddings and the head excluded), under the hub's names."""
     from llmopt.quant.api import target_filter
 
-    model = family_model(family)
+    model = family_model(family, **OVERRIDES.get(family, {}))
     moe.unfuse_experts(model)
     linear_like.convert_conv1d(model)
     hub = moe.hub_renamer(model.config)
@@ -247,9 +251,65 @@ def test_transformers_loads_compressed_tensors(family_dirs, tmp_path_factory, fa
     assert (float_logits - ref).abs().max() > 10 * (exact - ref).abs().max()  # transformers runs the codes
 
 
+# W8A8 (int-quantized) checkpoints plain transformers does not run as llmopt does
+HF_W8A8_DIFFERS = {
+    **HF_CANNOT_LOAD,
+    # compressed-tensors' dynamic "token" activation strategy reduces all dims but {0, 1}: OPT flattens its MLP
+    # input to [tokens, hidden] before fc1, where that is ONE scale for the whole tensor, not one per token
+    # (llmopt and vLLM quantize per token). Attention Linears (3-D inputs) match exactly.
+    "opt": "2-D activations quantized per tensor",
+    # transformers cannot merge per-expert int8 `weight`s into its fused experts ("Concatenate on tensors
+    # destined for ...experts.gate_up_proj. Ckpt contains: 0"); W4A16 per-expert checkpoints load
+    **{f: "per-expert int8 experts" for f in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")},
+}
+del HF_W8A8_DIFFERS["falcon"]  # W8A8 keeps `weight`: Falcon loads
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in HF_W8A8_DIFFERS])
+def test_transformers_loads_compressed_tensors_w8a8(family_dirs, tmp_path_factory, family):
+    _, out = _quantized(family_dirs, tmp_path_factory, family, "w8a8")
+    ref, exact, float_logits = _hf_vs_runtime(out, family_dirs(family))
+    assert torch.allclose(exact, ref, rtol=0, atol=1e-4 * ref.abs().max()), (exact - ref).abs().max()
+    assert (float_logits - ref).abs().max() > 0
+
+
 def test_transformers_cannot_load_gpt2_compressed_tensors(family_dirs, tmp_path_factory):
     """Documents HF_CANNOT_LOAD["gpt2"]: transformers re-initialises the Conv1D weights (logits unrelated to ours)
     while llmopt's runtime reloads the checkpoint (test_every_family_every_method)."""
     _, out = _quantized(family_dirs, tmp_path_factory, "gpt2", "rtn")
     ref, exact, _ = _hf_vs_runtime(out, family_dirs("gpt2"))
     assert (exact - ref).abs().max() > 1e-2 * ref.abs().max()
+
+
+def test_architecture_outside_the_registry(tiny_model_dir, tmp_path):
+    """BLOOM has no registry entry: GPTQ and RTN still quantize every Linear (decoder layers found as its one
+    ModuleList of num_hidden_layers blocks); AWQ and W8A8 refuse with one line naming the supported families."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig
+
+    from llmopt.errors import LlmoptError
+    from llmopt.quant.api import QuantizeArgs, quantize
+
+    torch.manual_seed(0)
+    path = tmp_path / "bloom"
+    AutoModelForCausalLM.from_config(BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=512)) \
+        .save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    assert registry.supported_methods(BloomConfig()) == ["rtn", "int8", "gptq"]
+    common = dict(model=str(path), group_size=32, samples=4, seq_len=32, eval_samples=2, eval_seq_len=32,
+                  device="cpu", calib_dtype="model")
+    res = quantize(QuantizeArgs(out=tmp_path / "gptq", method="gptq", **common), progress=False)
+    assert res.parameters["attention"]["quantized"] == res.parameters["attention"]["targeted"] > 0
+    assert res.parameters["mlp"]["quantized"] == res.parameters["mlp"]["targeted"] > 0
+    assert math.isfinite(res.metrics["quantized"]["kld_mean"])
+    for method in ("awq", "w8a8"):
+        with pytest.raises(LlmoptError, match=r"supports llama, .*gpt2.* models, not 'bloom'") as err:
+            quantize(QuantizeArgs(out=tmp_path / method, method=method, **{**common, "group_size": None}),
+                     progress=False)
+        assert "\n" not in str(err.value) and not (tmp_path / method).exists()
+
+
+def test_supported_methods_of_registry_families():
+    from transformers import AutoConfig
+
+    for family in FAMILIES:
+        assert registry.supported_methods(AutoConfig.for_model(family)) == list(registry.ALL_METHODS)
