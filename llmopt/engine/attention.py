@@ -83,8 +83,9 @@ class Segment:
 
     start: int  # offset in the packed step
     length: int
-    context: int  # keys this chunk attends to (cached + its own)
-    block_table: torch.Tensor | None  # [nb] long; None when the chunk starts at position 0 (keys are all new)
+    context: int  # keys gathered for this chunk (cached from its first live block + its own)
+    block_table: torch.Tensor | None  # [nb] long from the first live block; None when the chunk starts at
+    #                                   position 0 (keys are all new)
     # per window: [length, context] bool, True = attend; None = plain causal over the chunk's own keys
     masks: dict[Window, torch.Tensor | None]
 

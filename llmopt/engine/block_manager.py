@@ -102,6 +102,10 @@ class BlockManager:
         del seq.block_table[keep:]
         self._tokens[seq.id] = min(self._tokens.get(seq.id, 0), tokens)
 
+    def first_live(self, seq: Sequence) -> int:
+        """Index of seq's first table entry that is not FREED."""
+        return self._freed.get(seq.id, 0)
+
     def held_tokens(self, seq_id: int) -> int:
         """Positions seq's live (not FREED) blocks cover, up to what it reserved."""
         return max(0, self._tokens.get(seq_id, 0) - self._freed.get(seq_id, 0) * self.block_size)

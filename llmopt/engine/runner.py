@@ -105,12 +105,13 @@ class ModelRunner:
         """A block table with FREED entries on block 0: their keys are outside every window, so masked."""
         return [0 if b == FREED else b for b in table]
 
-    def _segment_masks(self, start: int, n: int) -> dict[Window, torch.Tensor | None]:
-        """Per window, the [n, start + n] mask of a chunk whose queries sit at positions start..start+n-1;
-        None where a fresh chunk's plain causal attention is already right (no window, or one ≥ the chunk)."""
+    def _segment_masks(self, first_key: int, start: int, n: int) -> dict[Window, torch.Tensor | None]:
+        """Per window, the [n, start + n − first_key] mask of a chunk whose queries sit at positions
+        start..start+n-1 over keys first_key..start+n-1; None where a fresh chunk's plain causal attention is
+        already right (no window, or one ≥ the chunk)."""
         masks: dict[Window, torch.Tensor | None] = {}
         qpos = torch.arange(start, start + n, device=self.device)[:, None]  # [n, 1]
-        kpos = torch.arange(start + n, device=self.device)[None]  # [1, ctx]
+        kpos = torch.arange(first_key, start + n, device=self.device)[None]  # [1, ctx]
         causal = kpos <= qpos if start else None  # [n, ctx] causal with offset
         for w in self.windows:
             if w is None or (start == 0 and n <= w):
@@ -121,7 +122,8 @@ class ModelRunner:
 
     def build(self, work: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
         """Pack the step: decode tokens first, then chunks. Returns input ids [T], positions [T], the
-        attention context, and for each work item the packed index of its first token."""
+        attention context, and for each work item the packed index of its first token. Leading FREED blocks
+        (out of every window) are left out of the gathered keys, so a long windowed sequence costs its window."""
         bs = self.blocks.block_size
         decode = [(s, n) for s, n in work if n == 1]
         chunks = [(s, n) for s, n in work if n > 1]
@@ -139,11 +141,12 @@ class ModelRunner:
         tables = None
         masks: dict[Window, torch.Tensor] = {}
         if decode:
-            nb = max(len(s.block_table) for s, _ in decode)
-            tables = self._tensor([self._table(s.block_table) + [0] * (nb - len(s.block_table)) for s, _ in decode]
-                                  ).view(len(decode), nb)  # [Bd, nb]
+            lo = min(self.blocks.first_live(s) for s, _ in decode)  # leading blocks no decode query sees
+            nb = max(len(s.block_table) for s, _ in decode) - lo
+            tables = self._tensor([self._table(s.block_table[lo:]) + [0] * (nb + lo - len(s.block_table))
+                                   for s, _ in decode]).view(len(decode), nb)  # [Bd, nb]
             qpos = self._tensor([s.num_computed for s, _ in decode])[:, None]  # [Bd, 1]
-            kpos = torch.arange(nb * bs, device=self.device)[None]  # [1, S]
+            kpos = torch.arange(lo * bs, (lo + nb) * bs, device=self.device)[None]  # [1, S]
             real = kpos <= qpos  # [Bd, S]
             for w in self.windows:  # once per step and window, shared by all layers
                 masks[w] = (real if w is None else real & (kpos > qpos - w))[:, None, None]  # [Bd, 1, 1, S]
@@ -151,8 +154,9 @@ class ModelRunner:
         offset = len(decode)
         for seq, n in chunks:
             start = seq.num_computed
-            table = self._tensor(self._table(seq.block_table)) if start else None
-            segments.append(Segment(offset, n, start + n, table, self._segment_masks(start, n)))
+            first_key = self.blocks.first_live(seq) * bs
+            table = self._tensor(self._table(seq.block_table[first_key // bs:])) if start else None
+            segments.append(Segment(offset, n, start + n - first_key, table, self._segment_masks(first_key, start, n)))
             offset += n
         step = StepContext(self.cache, self.specs, self._tensor(slots), len(decode), tables, masks, segments)
         return self._tensor(ids), self._tensor(pos), step, [first[s.id] for s, _ in work]
