@@ -32,6 +32,15 @@ ALL_SLIDING = {"mistral", "starcoder2"}
 SPECIAL = ["mistral", "starcoder2", "gemma2", "gemma3_text", "exaone4", "deepseek_v3"]  # window/hybrid/cap/MLA
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose much to them on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def model(family: str, **overrides):
     kw = {**OVERRIDES.get(family, {}), **overrides}
@@ -132,3 +141,12 @@ def test_speculative_with_a_sliding_window_target(budget_blocks, reference):
     assert spec.stats.proposed > 0 and spec.blocks.window == 8
     assert all(b == FREED or b >= 0 for s in engine.sequences for b in s.block_table)
     assert engine.blocks.num_free == engine.blocks.stats.num_blocks
+
+
+@pytest.mark.parametrize("layer_type, match", [("chunked_attention", "layer type chunked_attention"),
+                                               ("sliding_attention", "sliding-window layer 1 whose module")])
+def test_layer_types_the_modules_do_not_serve_are_refused(layer_type, match):
+    m = copy.deepcopy(model("gemma3_text"))
+    m.config.layer_types = ["sliding_attention", layer_type] * 2  # the modules were built as sliding, full
+    with pytest.raises(LlmoptError, match=f"{match}.*--engine hf"):
+        LLMEngine(m, EngineConfig(kv_budget=10 ** 8))
