@@ -89,6 +89,11 @@ def common_window(specs: list[LayerSpec]) -> int | None:
     return None if any(w is None for w in windows) else max(windows)
 
 
+def _gatherable(table: list[int]) -> list[int]:
+    """A block table with FREED entries on block 0: their keys are outside every window, so masked."""
+    return [0 if b == FREED else b for b in table]
+
+
 class ModelRunner:
     def __init__(self, model, specs: list[LayerSpec], cache: PagedKVCache, blocks: BlockManager) -> None:
         self.model = model
@@ -100,10 +105,6 @@ class ModelRunner:
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
-
-    def _table(self, table: list[int]) -> list[int]:
-        """A block table with FREED entries on block 0: their keys are outside every window, so masked."""
-        return [0 if b == FREED else b for b in table]
 
     def _segment_masks(self, first_key: int, start: int, n: int) -> dict[Window, torch.Tensor | None]:
         """Per window, the [n, start + n − first_key] mask of a chunk whose queries sit at positions
@@ -143,7 +144,7 @@ class ModelRunner:
         if decode:
             lo = min(self.blocks.first_live(s) for s, _ in decode)  # leading blocks no decode query sees
             nb = max(len(s.block_table) for s, _ in decode) - lo
-            tables = self._tensor([self._table(s.block_table[lo:]) + [0] * (nb + lo - len(s.block_table))
+            tables = self._tensor([_gatherable(s.block_table[lo:]) + [0] * (nb + lo - len(s.block_table))
                                    for s, _ in decode]).view(len(decode), nb)  # [Bd, nb]
             qpos = self._tensor([s.num_computed for s, _ in decode])[:, None]  # [Bd, 1]
             kpos = torch.arange(lo * bs, (lo + nb) * bs, device=self.device)[None]  # [1, S]
@@ -155,7 +156,7 @@ class ModelRunner:
         for seq, n in chunks:
             start = seq.num_computed
             first_key = self.blocks.first_live(seq) * bs
-            table = self._tensor(self._table(seq.block_table[first_key // bs:])) if start else None
+            table = self._tensor(_gatherable(seq.block_table[first_key // bs:])) if start else None
             segments.append(Segment(offset, n, start + n - first_key, table, self._segment_masks(first_key, start, n)))
             offset += n
         step = StepContext(self.cache, self.specs, self._tensor(slots), len(decode), tables, masks, segments)
