@@ -160,7 +160,8 @@ def _per_head_v_rows(heads: int, head_dim: int) -> torch.Tensor:
 
 def _llama_like(layer: nn.Module, config, offset: float = 0.0, mlp_norm: str = "post_attention_layernorm",
                 parallel: bool = False) -> _Plan:
-    """input_layernorm → q,k,v; v → o; mlp_norm → gate,up; up → down. parallel: one norm feeds attention and MLP."""
+    """input_layernorm → q,k,v; v → o; mlp_norm → gate,up; up → down.
+    parallel: one norm (input_layernorm) feeds attention and MLP."""
     p = _Plan(layer)
     if parallel:
         p.readers("input_layernorm", _QKV + _GATE_UP, offset)
@@ -231,7 +232,8 @@ def _gpt_neox(layer: nn.Module, config) -> LayerPlan:
 
 def _falcon(layer: nn.Module, config) -> LayerPlan:
     """new_decoder_architecture with two norms: ln_attn → query_key_value, ln_mlp → dense_h_to_4h; one norm with
-    parallel attention: input_layernorm → both; sequential: input_layernorm → qkv, post_attention_layernorm → MLP."""
+    parallel attention: input_layernorm → both; sequential: input_layernorm → qkv,
+    post_attention_layernorm → MLP."""
     p = _Plan(layer)
     qkv, up = "self_attention.query_key_value", "mlp.dense_h_to_4h"
     if "ln_attn" in p.have:

@@ -14,9 +14,11 @@ The model sits on the CPU; one decoder layer at a time moves to the device. Per 
 MoE layers (experts split per expert by families/moe.py) take the two-pass strategy; in its statistics pass every
 expert runs on every token while the layer output keeps the true routing (moe.routing_calibration), and the tokens
 routed to each expert go into the layer report.
-Linears reading the same tensor (q/k/v, gate/up, all experts' gate/up) share one collector, so their Hessian is
-built once. Groups are quantized in order; a scale folded into an op that is an already-quantized Linear
-(AWQ/SmoothQuant's v→o and up→down) divides that Linear's row scales: its codes stay valid. With calib_dtype=bfloat16 the
+Linears reading the same tensor (the registry's shared-input groups: q/k/v, gate/up, Phi's q/k/v/fc1, all experts'
+gate/up) share one collector, so their Hessian is built once; AWQ/SmoothQuant fold through the registry's scale
+groups (families/registry.py). Groups are quantized in order; a scale folded into an op that is an already-quantized
+Linear (AWQ/SmoothQuant's v→o, up→down, fc1→fc2, or a fused qkv's v rows) divides that Linear's row scales: its
+codes stay valid. With calib_dtype=bfloat16 the
 forwards run under autocast; statistics, solves and the weights themselves stay fp32.
 """
 
