@@ -1,8 +1,9 @@
 """Model shape facts and the KV-cache size formula.
 
-Per layer and token a decoder caches kv_heads·(k_head_dim + v_head_dim) values. Sliding-window layers keep at
-most `window` tokens (the cap llmopt's engine frees blocks to when every layer slides, and HF's sliding cache
-layers keep), full-attention layers every token. MLA (DeepSeek V2/V3) is counted twice: as the decompressed
+Per layer and token a decoder caches kv_heads·(k_head_dim + v_head_dim) values. Full-attention layers keep every
+token; sliding-window layers are capped at `window` tokens, what one step attends to (HF's sliding cache keeps
+window − 1 between steps, plus the step's own token; llmopt's engine, when every layer slides, frees whole
+blocks down to it, so it holds up to a block more). MLA (DeepSeek V2/V3) is counted twice: as the decompressed
 per-head K (qk_nope + qk_rope dims) and V (v_head_dim) that llmopt's engine caches, and as the latent
 (kv_lora_rank + qk_rope_head_dim per token and layer) that vLLM and transformers 5's own cache keep.
 """
