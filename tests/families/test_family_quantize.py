@@ -125,9 +125,13 @@ def test_folds_are_exact_float64(case):
 FORMAT = {"rtn": "compressed-tensors", "int8": "compressed-tensors", "w8a8": "compressed-tensors", "gptq": "gptq",
           "awq": "awq"}
 METHODS = tuple(FORMAT)
-# 16 windows of 64 tokens: enough calibration (1024 tokens for 64-wide inputs) that GPTQ's Hessians are well
-# conditioned, so GPTQ < RTN is a property of the method, not luck; evaluation on 8 windows of 32 tokens
-CALIB = dict(samples=16, seq_len=64, eval_samples=8, eval_seq_len=32, device="cpu", calib_dtype="model")
+# GPTQ: 16 windows of 64 tokens, enough calibration (1024 tokens for 64-wide inputs) that its Hessians are well
+# conditioned, so GPTQ < RTN is a property of the method, not luck; the others (data-free, or statistics that
+# only need to exist) 4 windows of 32, which keeps AWQ's search cheap. Every method evaluates on the same
+# 8 windows of 32 tokens.
+COMMON = dict(eval_samples=8, eval_seq_len=32, device="cpu", calib_dtype="model")
+CALIB = {"gptq": dict(samples=16, seq_len=64)}
+SMALL_CALIB = dict(samples=4, seq_len=32)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +164,8 @@ def _quantized(family_dirs, tmp_path_factory, family: str, method: str):
     if key not in _RUNS:
         out = tmp_path_factory.mktemp("q") / f"{family}-{method}"
         args = QuantizeArgs(model=str(family_dirs(family)), out=out, method=method, format=FORMAT[method],
-                            group_size=None if method in ("int8", "w8a8") else 32, **CALIB)
+                            group_size=None if method in ("int8", "w8a8") else 32,
+                            **COMMON, **CALIB.get(method, SMALL_CALIB))
         _RUNS[key] = (quantize(args, progress=False), out)
     return _RUNS[key]
 
