@@ -138,7 +138,7 @@ class _Plan:
 
 
 _GELU = "not exact through {act} (act(z / s) ≠ act(z) / s); AutoAWQ inserts a ScaledActivation module here, which " \
-        "no stock loader knows: skipped"
+        "the architecture's transformers and vLLM modules do not have: skipped"
 _POST_NORM = "post-norm layer: the norms sit on the sublayer outputs, nothing scales this input"
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
@@ -386,7 +386,10 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm the output head reads (None: unknown architecture without a decoder `norm`)."""
     fam = family(model.config)
     if fam is not None:
-        return model.get_submodule(fam.final_norm)
+        try:
+            return model.get_submodule(fam.final_norm)
+        except AttributeError:  # e.g. OPT-350m removes its final norm
+            return None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     return getattr(decoder, "norm", None)
 
