@@ -1,9 +1,12 @@
 """`evaluate(EvalArgs) -> EvalResult`: quality and cost of each model, measured the same way for all.
 
 Per model: quality on held-out text (sliding-window perplexity; with a baseline, KL-divergence and top-1
-agreement on the same tokens; lm-eval tasks), then the same seeded workload through an engine (llmopt's
-continuous-batching engine, or `hf`: one request at a time through `model.generate`), then memory
-(weight bytes, KV bytes allocated vs the formula). Writes --json/--csv/--plot when given.
+agreement on the same tokens; lm-eval tasks; with --prompts, generations on a prompt set through llmopt's engine
+scored for refusals, answers and agreement with the baseline's generations), then the same seeded workload through
+an engine (llmopt's continuous-batching engine, or `hf`: one request at a time through `model.generate`), then
+memory (weight bytes, KV bytes allocated vs the formula). Writes --json/--csv/--plot when given, and beside --json
+the prompt-set generations (`STEM.generations.jsonl`) and the verdicts that flipped against the baseline
+(`STEM.flips.jsonl`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ class EvalArgs:
     quality_tokens: int = 32768
     tasks: list[str] | None = None
     task_limit: int | None = None
+    prompts: str | None = None  # a .jsonl/.csv prompt set, or "builtin" (llmopt/evaluate/prompts.py)
+    gen_tokens: int = 64
+    samples_per_prompt: int = 1
+    chat_template: bool = False
+    refusal_patterns: str | None = None  # one regex per line, replacing the default phrase list
+    refusal_judge: str | None = None  # a causal LM that judges refusals instead of the phrase list
     quality_only: bool = False
     perf_only: bool = False
     price_per_hour: float | None = None
@@ -105,9 +114,23 @@ class EvalArgs:
             raise LlmoptError(f"--task-limit must be ≥ 1 (got {self.task_limit})")
         if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
             raise LlmoptError("--block-size, --max-prefill-tokens and --max-num-seqs must be ≥ 1")
+        if self.prompts is None and (self.refusal_patterns or self.refusal_judge or self.chat_template):
+            raise LlmoptError("--refusal-patterns, --refusal-judge and --chat-template apply to --prompts: give a "
+                              "prompt set (a .jsonl/.csv file or builtin)")
+        if self.prompts is not None and self.perf_only:
+            raise LlmoptError("--prompts measures quality: drop --perf-only")
+        if self.refusal_patterns and self.refusal_judge:
+            raise LlmoptError("--refusal-patterns and --refusal-judge are two refusal detectors: give one")
+        self.generation_settings()  # validates --gen-tokens, --samples-per-prompt
         self.workload_spec()  # validates --num-requests, ranges, --request-rate
         SamplingParams(1, self.temperature, self.top_k, self.top_p, self.seed)  # validates sampling options
         parse_range(self.output_len, "--output-len")
+
+    def generation_settings(self):
+        from llmopt.evaluate.generation import GenerationSettings
+
+        return GenerationSettings(self.gen_tokens, self.samples_per_prompt, self.temperature, self.top_k, self.top_p,
+                                  self.seed)
 
     def workload_spec(self):
         from llmopt.evaluate.workload import WorkloadSpec, parse_range
@@ -134,6 +157,8 @@ class EvalResult:
     results: list[ModelReport]
     config: dict = field(default_factory=dict)
     baseline: str | None = None
+    generations: list[dict] = field(default_factory=list)  # --prompts: every generation (not in the JSON report)
+    flips: list[dict] = field(default_factory=list)  # --prompts with --baseline: verdicts that flipped
 
     def to_dict(self) -> dict:
         return {"results": [r.to_dict() for r in self.results], "baseline": self.baseline, "config": self.config}
@@ -157,7 +182,7 @@ def evaluate(args: EvalArgs, progress: ProgressArg = False) -> EvalResult:
             runner = EvalRunner(args, bar)
             runner.preflight()
             reports = runner.run_all()
-        result = EvalResult(reports, _config(args), args.baseline)
+        result = EvalResult(reports, _config(args), args.baseline, runner.generations, runner.flips)
     finally:
         torch.set_num_threads(threads_before)
     write_reports(result, args.json, args.csv, args.plot)

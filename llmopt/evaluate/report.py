@@ -14,6 +14,11 @@ from rich.table import Table
 
 _STATS = ("mean", "p50", "p95", "p99")
 _DISTS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+# quality.generation's figures that go into the CSV (the same names recipe gates use)
+GENERATION_METRICS = ("refusal_rate", "over_refusal_rate", "refusal_drift_pp", "over_refusal_drift_pp", "refusal_flips",
+                      "answer_accuracy", "answer_exact_match", "answer_accuracy_drift_pp", "answer_flips",
+                      "baseline_agreement", "baseline_token_f1", "baseline_rouge_l", "output_tokens_mean",
+                      "judge_unparsed")
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -47,11 +52,34 @@ def baseline_perplexity(result: dict) -> float | None:
     return None
 
 
+def _pct(v) -> str:
+    return "—" if v is None else f"{v * 100:.1f}%"
+
+
+def _refusal(g: dict) -> str:
+    """Refusal rate on harmful prompts / over-refusal on benign ones, with the drift vs the baseline."""
+    if g.get("refusal_rate") is None and g.get("over_refusal_rate") is None:
+        return "—"
+    drift = g.get("refusal_drift_pp")
+    return (f"{_pct(g.get('refusal_rate'))} / {_pct(g.get('over_refusal_rate'))}"
+            + ("" if drift is None else f" ({drift:+.1f} pp)"))
+
+
+def _generation_cells(q: dict) -> list[str]:
+    g = q.get("generation") or {}
+    acc, drift = g.get("answer_accuracy"), g.get("answer_accuracy_drift_pp")
+    return [_refusal(g), _pct(acc) + ("" if acc is None or drift is None else f" ({drift:+.1f} pp)"),
+            _pct(g.get("baseline_agreement")), _fmt(g.get("baseline_rouge_l"), 3)]
+
+
 def table(result: dict) -> Table:
-    """One row per model: the issue's columns (model, method, size, ppl, Δppl, KLD, top-1, TTFT, TPOT, ...)."""
+    """One row per model: the issue's columns (model, method, size, ppl, Δppl, KLD, top-1, TTFT, TPOT, ...), and
+    with --prompts the prompt-set columns (refusal / over-refusal, answer accuracy, agreement with the baseline)."""
     base_ppl = baseline_perplexity(result)
+    generated = any(r["quality"].get("generation") for r in result["results"])
     t = Table(title="llmopt eval", show_lines=False)
-    for col in ("model", "method", "size", "ppl", "Δppl", "KLD", "top-1", "TTFT ms p50/p95/p99",
+    gen_cols = ("refusal / over", "answer acc", "same as base", "ROUGE-L") if generated else ()
+    for col in ("model", "method", "size", "ppl", "Δppl", "KLD", "top-1", *gen_cols, "TTFT ms p50/p95/p99",
                 "TPOT ms p50/p95/p99", "tok/s", "req/s", "KV bytes", "cost/1k tok"):
         t.add_column(col, justify="left" if col in ("model", "method") else "right")
     for r in result["results"]:
@@ -59,7 +87,8 @@ def table(result: dict) -> Table:
         ppl = q.get("perplexity")
         dppl = (f"{(ppl / base_ppl - 1) * 100:+.2f}%" if ppl is not None and base_ppl else "—")
         t.add_row(r["model"], r["method"], _bytes(m.get("weight_bytes")), _fmt(ppl), dppl,
-                  "—" if q.get("kld_mean") is None else f"{q['kld_mean']:.3g}", _fmt(q.get("top1_agreement"), 3), _three(p.get("ttft_ms")),
+                  "—" if q.get("kld_mean") is None else f"{q['kld_mean']:.3g}", _fmt(q.get("top1_agreement"), 3),
+                  *(_generation_cells(q) if generated else ()), _three(p.get("ttft_ms")),
                   _three(p.get("tpot_ms")), _fmt(p.get("output_tokens_per_s"), 1), _fmt(p.get("requests_per_s"), 2),
                   _bytes(m.get("kv_bytes_allocated") if m.get("kv_bytes_allocated") is not None
                          else m.get("kv_bytes_formula")),
@@ -75,6 +104,9 @@ def flat_row(r: dict) -> dict:
     for task, metrics in (r["quality"].get("tasks") or {}).items():
         for k, v in metrics.items():
             row[f"tasks.{task}.{k}"] = v
+    gen = r["quality"].get("generation")
+    if gen:
+        row.update({k: gen.get(k) for k in GENERATION_METRICS})
     p = r["perf"]
     for key in ("engine", "threads", "repeats", "output_tokens_per_s", "total_tokens_per_s", "requests_per_s"):
         row[key] = p.get(key)
@@ -164,10 +196,25 @@ def finite(obj):
     return obj
 
 
+def sidecar(json_path: Path, kind: str) -> Path:
+    """A file beside the JSON report: r.json → r.flips.jsonl, r.generations.jsonl."""
+    json_path = Path(json_path)
+    return json_path.with_name(f"{json_path.stem}.{kind}.jsonl")
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(finite(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+
+
 def write_reports(result, json_path: Path | None, csv_path: Path | None, plot_path: Path | None) -> None:
+    """The report files; with --prompts, beside the JSON also every generation and the flips against the baseline
+    (an empty flips file when nothing flipped, so a stale one from an earlier run never survives)."""
     d = finite(result.to_dict())
     if json_path is not None:
         _atomic_write(json_path, lambda p: p.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n"))
+        if result.generations:
+            _atomic_write(sidecar(json_path, "generations"), lambda p: p.write_text(_jsonl(result.generations)))
+            _atomic_write(sidecar(json_path, "flips"), lambda p: p.write_text(_jsonl(result.flips)))
     if csv_path is not None:
         _atomic_write(csv_path, lambda p: p.write_text(to_csv(d)))
     if plot_path is not None:

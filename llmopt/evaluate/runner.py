@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from llmopt.calibration.data import DataSpec, load_texts, token_stream
-from llmopt.engine import EngineConfig
+from llmopt.engine import EngineConfig, SamplingParams
 from llmopt.engine.block_manager import blocks_for
 from llmopt.errors import LlmoptError
 from llmopt.evaluate.api import EvalArgs, ModelReport
 from llmopt.evaluate.budget import parse_kv_budget
+from llmopt.evaluate.generation import ModelGenerations, check_fits, engine_generator, flip_records, uses_chat_template
+from llmopt.evaluate.generation import generate_and_score, report as generation_report
 from llmopt.evaluate.metrics import cost_per_1k_output_tokens, summarize
 from llmopt.evaluate.perf import Sampling, run_hf, run_llmopt, warmup_requests
 from llmopt.evaluate.progress import Bars
+from llmopt.evaluate.prompts import PromptSet, load_prompts
+from llmopt.evaluate.refusal import JUDGE_PROMPT, JUDGE_TOKENS, JudgeDetector, PhraseDetector, RefusalDetector
+from llmopt.evaluate.refusal import load_patterns
 from llmopt.evaluate.quality import Quality, measure_quality, sliding_windows
 from llmopt.evaluate.workload import make_workload
 from llmopt.models import (ModelSpec, attention_shape, check_seq_len, kv_bytes, load_config, load_model,
@@ -51,6 +55,11 @@ class EvalRunner:
         self.names = names
         self.data = DataSpec(args.data, args.split, args.text_field)
         self._texts: list[str] | None = None
+        self.prompt_set: PromptSet | None = None  # --prompts, read in preflight
+        self.detector: RefusalDetector | None = None
+        self.generations: list[dict] = []  # every model's generations, for STEM.generations.jsonl
+        self.flips: list[dict] = []
+        self._base_generations: ModelGenerations | None = None
 
     def _spec(self, name: str) -> ModelSpec:
         a = self.args
@@ -93,7 +102,33 @@ class EvalRunner:
                                   f"{spec.output_len[1]} exceeds {name}'s maximum context of {ctx}: shorten them")
             if not a.perf_only:
                 check_seq_len(configs[name], "--seq-len", a.seq_len, name)
+        if a.prompts is not None:
+            self.prompt_set = load_prompts(a.prompts)
+            prompts = [item.prompt for item in self.prompt_set.items]
+            for name in self.names:
+                check_fits(prompts, toks[name], a.chat_template, a.gen_tokens, max_context(configs[name]), name)
+            if a.refusal_patterns:
+                self.detector = PhraseDetector(load_patterns(a.refusal_patterns), f"phrases:{a.refusal_patterns}")
+            elif a.refusal_judge:
+                self._check_judge(prompts)
+            else:
+                self.detector = PhraseDetector()
         self.texts  # noqa: B018  (a data source that cannot be read fails here)
+
+    def _check_judge(self, prompts: list[str]) -> None:
+        """The judge must load its tokenizer and hold a judge prompt with a whole generation in its context."""
+        a = self.args
+        try:
+            path = resolve_path(self._spec(a.refusal_judge))
+            config = load_config(path, a.trust_remote_code)
+            tok = load_tokenizer(path, a.trust_remote_code)
+        except LlmoptError as e:
+            raise LlmoptError(f"--refusal-judge {a.refusal_judge}: {e}") from None
+        # A generation of --gen-tokens tokens takes at most about as many judge tokens plus a few (its tokenizer
+        # may differ): check the longest prompt inside the judge prompt with that allowance.
+        judge_prompts = [JUDGE_PROMPT.format(prompt=p, response="") for p in prompts]
+        check_fits(judge_prompts, tok, True, 2 * a.gen_tokens + JUDGE_TOKENS, max_context(config),
+                   f"the judge {a.refusal_judge}", "the response allowance (2 × --gen-tokens + 4)")
 
     def run_all(self) -> list[ModelReport]:
         a = self.args
@@ -101,6 +136,11 @@ class EvalRunner:
         if a.baseline is not None and not a.perf_only:
             baseline = load_model(self._spec(a.baseline))
         draft = load_model(self._spec(a.draft)).model if a.draft and not a.quality_only else None
+        if a.refusal_judge and self.prompt_set is not None:
+            judge = load_model(self._spec(a.refusal_judge))
+            generate = self._generator(judge, chat_template=True)
+            self.detector = JudgeDetector(lambda ps: [g.text for g in generate(ps, [SamplingParams(JUDGE_TOKENS)] * len(ps))],
+                                          f"judge:{a.refusal_judge}")
         reports = []
         for name in self.names:
             loaded = baseline if (baseline is not None and name == a.baseline) else load_model(self._spec(name))
@@ -111,7 +151,8 @@ class EvalRunner:
 
     def run_one(self, name: str, loaded, baseline, draft) -> ModelReport:
         a = self.args
-        quality = {"perplexity": None, "kld_mean": None, "kld_p99": None, "top1_agreement": None, "tasks": None}
+        quality = {"perplexity": None, "kld_mean": None, "kld_p99": None, "top1_agreement": None, "tasks": None,
+                   "generation": None}
         if not a.perf_only:
             quality.update(self.quality(name, loaded, baseline))
         perf = {"engine": a.engine, "threads": torch.get_num_threads(), "repeats": None,
@@ -148,6 +189,40 @@ class EvalRunner:
             advance = self.bars.phase(f"lm-eval {name}", 1)
             out["tasks"] = run_tasks(loaded.model, loaded.tokenizer, list(a.tasks), a.task_limit, seed=a.seed)
             advance(1)
+        if self.prompt_set is not None:
+            out["generation"] = self.generation(name, loaded, baseline)
+        return out
+
+    def _generator(self, loaded, chat_template: bool):
+        a = self.args
+        return engine_generator(loaded.model, loaded.tokenizer, parse_kv_budget(a.kv_budget, loaded.device),
+                                a.block_size, a.max_prefill_tokens, a.max_num_seqs, chat_template)
+
+    def _generate(self, name: str, loaded) -> ModelGenerations:
+        assert self.prompt_set is not None and self.detector is not None
+        advance = self.bars.phase(f"prompts {name}", 1)
+        gens = generate_and_score(self.prompt_set, self._generator(loaded, self.args.chat_template), self.detector,
+                                  self.args.generation_settings())
+        advance(1)
+        return gens
+
+    def generation(self, name: str, loaded, baseline) -> dict:
+        """quality.generation: this model's prompt-set metrics, against the baseline's generations when there is
+        one (generated once, the first time a model needs them)."""
+        a = self.args
+        assert self.prompt_set is not None and self.detector is not None
+        base = None
+        if baseline is not None:
+            if self._base_generations is None:
+                self._base_generations = self._generate(a.baseline, baseline)
+            base = self._base_generations
+        gens = base if loaded is baseline else self._generate(name, loaded)
+        chat = a.chat_template and uses_chat_template(loaded.tokenizer)
+        out, flips = generation_report(gens, base, self.prompt_set, a.generation_settings(), self.detector, chat)
+        self.flips += flip_records(name, flips, self.prompt_set)
+        self.generations += [{"model": name, "prompt_index": g.prompt_index, "sample": g.sample,
+                              "category": g.category, "output": g.text, "refused": g.refused, "correct": g.correct}
+                             for g in gens.scored]
         return out
 
     def perf(self, name: str, loaded, draft) -> tuple[dict, dict, dict | None]:

@@ -13,7 +13,9 @@ NAME is the name of an evaluated model: its key in an eval step's `model:` mappi
 (`model: {float: builtin:tiny, gptq4: "${steps.gptq4.out}"}`), or the step name for an entry written
 `${steps.NAME.out}` in a `model:` list (an eval step's baseline, when not one of its models, is named
 `baseline`). Names are unique across eval steps. METRIC is a flat name from the eval report (see `METRICS`): quality (`perplexity`,
-`kld_mean`, `kld_p99`, `top1_agreement`, `tasks.TASK`), speed (`output_tokens_per_s`, `total_tokens_per_s`,
+`kld_mean`, `kld_p99`, `top1_agreement`, `tasks.TASK`; with `prompts:` the prompt-set figures of
+`quality.generation`: `refusal_rate`, `over_refusal_rate`, `refusal_drift_pp`, `answer_accuracy`,
+`baseline_agreement`, `baseline_token_f1`, `baseline_rouge_l`, ... — see `GENERATION_METRICS`), speed (`output_tokens_per_s`, `total_tokens_per_s`,
 `requests_per_s`, `cost_per_1k_output_tokens`, `duration_s`, `ttft|tpot|itl|e2el` + `_mean|_p50|_p95|_p99`
 + `_ms`), memory (`weight_bytes`, `kv_bytes_allocated`, `kv_bytes_formula`, `kv_waste_bytes`, `kv_pool_bytes`,
 `kv_peak_tokens`, `kv_preemptions`) and speculative decoding (`acceptance_rate`, `tokens_per_step`).
@@ -33,9 +35,15 @@ from llmopt.errors import LlmoptError
 
 _STAT_METRICS = ("ttft", "tpot", "itl", "e2el")
 _STATS = ("mean", "p50", "p95", "p99")
+# quality.generation (eval --prompts): rates are fractions, drifts percentage points vs the baseline
+GENERATION_METRICS: tuple[str, ...] = (
+    "refusal_rate", "over_refusal_rate", "refusal_drift_pp", "over_refusal_drift_pp", "refusal_flips",
+    "answer_accuracy", "answer_exact_match", "answer_accuracy_drift_pp", "answer_flips",
+    "baseline_agreement", "baseline_token_f1", "baseline_rouge_l", "output_tokens_mean",
+)
 METRICS: tuple[str, ...] = (
     # quality
-    "perplexity", "kld_mean", "kld_p99", "top1_agreement",
+    "perplexity", "kld_mean", "kld_p99", "top1_agreement", *GENERATION_METRICS,
     # perf (medians over repeats)
     "output_tokens_per_s", "total_tokens_per_s", "requests_per_s", "cost_per_1k_output_tokens", "duration_s",
     *(f"{m}_{s}_ms" for m in _STAT_METRICS for s in _STATS),
@@ -153,6 +161,9 @@ def flatten_result(result: dict) -> dict[str, float | None]:
             if key == "tasks":
                 for task, score in (value or {}).items():
                     flat[TASK_PREFIX + task] = _task_score(score)
+            elif key == "generation":
+                for metric in GENERATION_METRICS:
+                    flat[metric] = _number((value or {}).get(metric))
             elif isinstance(value, dict) and key.endswith("_ms"):  # ttft_ms: {mean, p50, ...} → ttft_p50_ms
                 for stat, v in value.items():
                     flat[f"{key[:-3]}_{stat}_ms"] = _number(v)
