@@ -1,7 +1,8 @@
 """Runs one packed step through the HF model: builds positions, slots and attention metadata, returns logits.
 
 Any HF causal LM whose attention modules call `ALL_ATTENTION_FUNCTIONS` (Llama, Qwen2, Mistral, Gemma2/3,
-DeepSeek V3, ...) works, including ones whose Linear layers were swapped for quantized runtime modules.
+DeepSeek V3, ...) or have an adapter that does (adapters.py: Falcon) works, including ones whose Linear layers
+were swapped for quantized runtime modules.
 `inspect_attention` learns each layer's LayerSpec with one probe forward and refuses what would be served wrong.
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from llmopt.engine.adapters import adapted, refuse
 from llmopt.engine.attention import (AttentionProbe, LayerSpec, PagedKVCache, Segment, StepContext, Window,
                                      register, step_context)
 from llmopt.engine.block_manager import FREED, BlockManager
@@ -25,20 +27,18 @@ def _text_config(model):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-def _refuse(feature: str) -> LlmoptError:
-    return LlmoptError(f"{feature} is not supported by llmopt's engine: use --engine hf")
-
-
 @contextlib.contextmanager
 def paged_attention_enabled(model) -> Iterator[None]:
-    """Route the model's attention through the paged function while the engine runs, then restore it."""
+    """Route the model's attention through the paged function while the engine runs (the attention
+    implementation of every config, the adapted forward of modules that compute attention inline), then restore."""
     name = register()
     configs = [c for c in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()]
     saved = [c._attn_implementation for c in configs]
     for c in configs:
         c._attn_implementation = name
     try:
-        yield
+        with adapted(model):
+            yield
     finally:
         for c, s in zip(configs, saved):
             c._attn_implementation = s
@@ -47,39 +47,42 @@ def paged_attention_enabled(model) -> Iterator[None]:
 def inspect_attention(model) -> list[LayerSpec]:
     """Each layer's LayerSpec, from what its HF attention module passes to the attention function in a one-token
     probe forward. Refuses (LlmoptError) models this engine would serve wrong instead of returning wrong tokens:
-    layers whose attention does not go through transformers' attention interface (Falcon computes it inline),
-    layer types other than full/sliding, a window the config declares but the module does not pass, sinks."""
+    layers whose attention does not go through transformers' attention interface and has no adapter, what an
+    adapter refuses (Falcon's ALiBi), layer types other than full/sliding, a window the config declares but the
+    module does not pass, sinks."""
     config = _text_config(model)
     layers = config.num_hidden_layers
     layer_types = list(getattr(config, "layer_types", None) or [])
     unknown = sorted(set(layer_types) - _SERVED_LAYER_TYPES)
     if unknown:
-        raise _refuse(f"attention layer type {', '.join(unknown)}")
+        raise refuse(f"attention layer type {', '.join(unknown)}")
     probe = AttentionProbe()
     device = model.get_input_embeddings().weight.device
     ids = torch.zeros((1, 1), dtype=torch.long, device=device)
     try:
         with paged_attention_enabled(model), step_context(probe), torch.inference_mode():
             model(input_ids=ids, position_ids=ids, use_cache=False, logits_to_keep=1)
+    except LlmoptError:  # an adapter's refusal, already one line
+        raise
     except Exception as e:  # a layer that computes attention itself fails on the masks it was not given
         if len(probe.specs) < layers:
-            raise _refuse(f"{type(model).__name__}'s attention (layer {len(probe.specs)} does not call "
-                          f"transformers' attention interface)") from e
+            raise refuse(f"{type(model).__name__}'s attention (layer {len(probe.specs)} does not call "
+                         f"transformers' attention interface)") from e
         raise
     if probe.refusals:
-        raise _refuse(probe.refusals[0])
+        raise refuse(probe.refusals[0])
     if sorted(probe.specs) != list(range(layers)):
         missing = sorted(set(range(layers)) - set(probe.specs))
-        raise _refuse(f"{type(model).__name__}'s attention (layers {missing} do not call transformers' attention "
-                      f"interface)")
+        raise refuse(f"{type(model).__name__}'s attention (layers {missing} do not call transformers' attention "
+                     f"interface)")
     specs = [probe.specs[i] for i in range(layers)]
     declared = getattr(config, "sliding_window", None)
     for i, (t, s) in enumerate(zip(layer_types, specs)):
         if t == "sliding_attention" and s.window is None:
-            raise _refuse(f"sliding-window layer {i} whose module does not pass its window to the attention function")
+            raise refuse(f"sliding-window layer {i} whose module does not pass its window to the attention function")
     if (declared and not layer_types and getattr(config, "use_sliding_window", True) is not False
             and all(s.window is None for s in specs)):
-        raise _refuse("a sliding window the attention modules do not pass to the attention function")
+        raise refuse("a sliding window the attention modules do not pass to the attention function")
     return specs
 
 

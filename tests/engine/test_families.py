@@ -1,7 +1,7 @@
-"""Every family of tests/families: the engine's greedy tokens equal `generate`'s in float64 (or the family is
-refused with a one-line error), including sliding windows shorter than the prompts, hybrid layer types,
-logit softcapping and MLA under chunked prefill, preemption and speculative decoding; out-of-window blocks
-go back to the pool."""
+"""Every family of tests/families: the engine's greedy tokens equal `generate`'s in float64 (what it cannot serve
+is refused with a one-line error), including sliding windows shorter than the prompts, hybrid layer types,
+logit softcapping, MLA and Falcon's inline attention (served through its adapter) under chunked prefill,
+preemption and speculative decoding; out-of-window blocks go back to the pool."""
 
 from __future__ import annotations
 
@@ -27,7 +27,19 @@ MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}  # grouped_mm has no 
 # At gemma2's 50 the tiny random model's attention logits never come near the cap, so the tokens could not
 # tell softcapping from none; at 0.02 they do (test_softcap_changes_the_reference checks it).
 OVERRIDES = {"gemma2": dict(attn_logit_softcapping=0.02)}
-REFUSED = {"falcon": "attention interface"}  # Falcon computes attention inline, never calling the interface
+# Falcon's fused query_key_value layouts (llmopt/engine/adapters.py splits each), with both block shapes:
+# variant → (kv heads the cache keeps, config overrides). The family default is new_decoder_architecture with
+# 2 kv heads for 4 query heads (Falcon-40B/180B); multi_query is Falcon-7B's one shared k/v head.
+_OLD = dict(new_decoder_architecture=False, num_kv_heads=None)
+FALCON = {
+    "falcon-gqa": (2, dict()),
+    "falcon-multi-query": (1, dict(_OLD, multi_query=True)),
+    "falcon-multi-query-sequential": (1, dict(_OLD, multi_query=True, parallel_attn=False, bias=True)),
+    "falcon-per-head": (4, dict(_OLD, multi_query=False)),
+    "falcon-per-head-sequential": (4, dict(_OLD, multi_query=False, parallel_attn=False)),
+}
+# case → (family, overrides, what the one-line error names)
+REFUSED = {"falcon-alibi": ("falcon", dict(_OLD, multi_query=False, alibi=True), "ALiBi")}
 ALL_SLIDING = {"mistral", "starcoder2"}
 SPECIAL = ["mistral", "starcoder2", "gemma2", "gemma3_text", "exaone4", "deepseek_v3"]  # window/hybrid/cap/MLA
 
@@ -49,6 +61,18 @@ def model(family: str, **overrides):
     return family_model(family, dtype=torch.float64, **kw)
 
 
+@functools.cache
+def falcon(variant: str):
+    """A Falcon variant whose attention decides its tokens: at the family's init std of 0.02 the q·k logits are
+    ~0.1, attention near uniform, and a wrong scale or query→kv head mapping would not change the greedy tokens;
+    query_key_value × 5 makes the logits O(1)."""
+    m = family_model("falcon", dtype=torch.float64, **FALCON[variant][1])
+    with torch.no_grad():
+        for layer in m.transformer.h:
+            layer.self_attention.query_key_value.weight.mul_(5)
+    return m
+
+
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(4, 512, (n,), generator=g).tolist() for n in LENGTHS]
@@ -67,7 +91,7 @@ def refs(m, reference, outs: list[int] = OUTS, ps: list[list[int]] | None = None
     return [reference(m, p, o) for p, o in zip(ps or prompts(), outs)]
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_batch_equals_generate(family, reference):
     m = model(family)
     engine, outs = run(m)
@@ -75,24 +99,39 @@ def test_mixed_batch_equals_generate(family, reference):
     assert engine.blocks.num_free == engine.blocks.stats.num_blocks
 
 
-@pytest.mark.parametrize("family", sorted(REFUSED))
-def test_unservable_family_is_refused(family):
-    with pytest.raises(LlmoptError, match=f"{REFUSED[family]}.*--engine hf"):
-        LLMEngine(model(family), EngineConfig(kv_budget=10 ** 8))
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unservable_family_is_refused(case):
+    family, overrides, match = REFUSED[case]
+    with pytest.raises(LlmoptError, match=f"{match}.*--engine hf"):
+        LLMEngine(model(family, **overrides), EngineConfig(kv_budget=10 ** 8))
 
 
-@pytest.mark.parametrize("family", SPECIAL)
-def test_preemption_and_chunked_prefill(family, reference):
-    m = model(family)
+def check_preemption_and_chunked_prefill(m, reference, copies: int = 1) -> None:
     per_block = LLMEngine(m, EngineConfig(kv_budget=10 ** 8, block_size=4)).cache.bytes_per_block
     # 11 blocks hold the longest request (33 + 9 tokens) alone; where every layer is sliding, blocks leave the
-    # window and three requests fit, six do not. Chunks of 3 attend to cached chunks.
-    copies = 2 if family in ALL_SLIDING else 1
+    # window and three requests fit, six do not (copies=2). Chunks of 3 attend to cached chunks.
     ps, outs = prompts() * copies, OUTS * copies
     engine, got = run(m, outs, ps, kv_budget=11 * per_block, max_prefill_tokens=3)
     assert engine.scheduler.num_preemptions > 0
     assert got == refs(m, reference, outs, ps)
     assert engine.blocks.num_free == engine.blocks.stats.num_blocks
+
+
+@pytest.mark.parametrize("family", SPECIAL)
+def test_preemption_and_chunked_prefill(family, reference):
+    check_preemption_and_chunked_prefill(model(family), reference, 2 if family in ALL_SLIDING else 1)
+
+
+@pytest.mark.parametrize("variant", sorted(FALCON))
+def test_falcon_layouts_equal_generate(variant, reference):
+    m = falcon(variant)
+    engine, outs = run(m)  # mixed batch, prefill chunks of 7
+    assert outs == refs(m, reference)
+    # the cache keeps Falcon's kv heads, not the per-query-head copies HF's GQA split broadcasts to
+    assert {s.kv_heads for s in engine.specs} == {FALCON[variant][0]}
+    check_preemption_and_chunked_prefill(m, reference)
+    attention = m.transformer.h[0].self_attention
+    assert "forward" not in vars(attention)  # the adapter's forward is gone once the engine stops
 
 
 def test_softcap_changes_the_reference(reference):
