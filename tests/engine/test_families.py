@@ -44,6 +44,10 @@ ALL_SLIDING = {"mistral", "starcoder2"}
 SPECIAL = ["mistral", "starcoder2", "gemma2", "gemma3_text", "exaone4", "deepseek_v3"]  # window/hybrid/cap/MLA
 
 
+# attention weights × 5: O(1) q·k logits, so a wrong scale, mask or head mapping changes the greedy tokens
+ATTENTION_GAIN = 5.0
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and lose much to them on a shared machine."""
@@ -58,19 +62,12 @@ def model(family: str, **overrides):
     kw = {**OVERRIDES.get(family, {}), **overrides}
     if family in MOE:
         kw["experts_implementation"] = "eager"
-    return family_model(family, dtype=torch.float64, **kw)
+    return family_model(family, dtype=torch.float64, attention_gain=ATTENTION_GAIN, **kw)
 
 
 @functools.cache
 def falcon(variant: str):
-    """A Falcon variant whose attention decides its tokens: at the family's init std of 0.02 the q·k logits are
-    ~0.1, attention near uniform, and a wrong scale or query→kv head mapping would not change the greedy tokens;
-    query_key_value × 5 makes the logits O(1)."""
-    m = family_model("falcon", dtype=torch.float64, **FALCON[variant][1])
-    with torch.no_grad():
-        for layer in m.transformer.h:
-            layer.self_attention.query_key_value.weight.mul_(5)
-    return m
+    return family_model("falcon", dtype=torch.float64, attention_gain=ATTENTION_GAIN, **FALCON[variant][1])
 
 
 def prompts() -> list[list[int]]:

@@ -59,8 +59,13 @@ def family_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **kw)
 
 
-def family_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A random model whose every weight matters: zero-initialised routers and biases get random values."""
+def family_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, attention_gain: float = 1.0,
+                 **overrides):
+    """A random model whose every weight matters: zero-initialised routers and biases get random values.
+
+    attention_gain multiplies the weights of every Linear inside the attention modules: at the usual init std of
+    0.02 the q·k logits of a tiny model are ~0.1 and attention is near uniform, so a wrong scale, mask or
+    query→kv head mapping would leave greedy tokens unchanged; a gain of ~5 makes the logits O(1)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -69,4 +74,10 @@ def family_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.floa
         for name, p in model.named_parameters():
             if p.abs().max() == 0 and (p.dim() >= 2 or name.endswith("bias")):
                 p.normal_(0, 0.1)
+        if attention_gain != 1.0:
+            for mod in model.modules():
+                if type(mod).__name__.endswith("Attention"):
+                    for lin in mod.modules():
+                        if isinstance(lin, torch.nn.Linear) or type(lin).__name__ == "Conv1D":
+                            lin.weight.mul_(attention_gain)
     return model
