@@ -82,8 +82,9 @@ def info(
     config = load_config(path, trust_remote_code)
     check_weights(path)  # a truncated or garbled shard fails here, not as a library traceback later
     mi = model_info(model, path, config, resolve_dtype(dtype, resolve_device(device)), context, batch)
+    methods, engine = _support(config)
     if as_json:
-        out.print_json(json.dumps(asdict(mi)))
+        out.print_json(json.dumps({**asdict(mi), "supported": {"methods": methods, "engine": engine}}))
         return
     t = Table(title=model, show_header=False)
     for key, label, fmt in [
@@ -105,7 +106,41 @@ def info(
     if mi.latent_kv_bytes is not None:
         t.add_row("latent KV bytes / token (vLLM MLA)", _bytes(mi.latent_kv_bytes_per_token))
         t.add_row(f"latent KV bytes ({batch} × {context} tokens)", _bytes(mi.latent_kv_bytes))
+    t.add_row("quantize methods", ", ".join(methods))
+    t.add_row("llmopt engine", engine)
     out.print(t)
+
+
+def _support(config) -> tuple[list[str], str]:
+    """The quantize methods that run on this architecture, and what llmopt's engine makes of it: the engine's own
+    one-token probe forward, run here on the meta device (no weights), decides when it can run there; a model
+    the meta device cannot run (MoE routing needs values) is judged by whether its family is in the registry."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.engine.runner import inspect_attention
+    from llmopt.families import registry
+
+    methods = registry.supported_methods(config)
+    family = registry.family(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        specs = inspect_attention(model)
+    except LlmoptError as e:
+        if e.__cause__ is None:  # a refusal the probe decided, not a forward the meta device could not run
+            return methods, f"refused: {e}"
+        specs = None
+    except Exception:  # noqa: BLE001 - the meta device cannot run every forward; the engine probes again at start
+        specs = None
+    if specs is None:
+        return methods, ("served: a registry family, tested greedy-equal to generate (its layers are probed "
+                         "when the engine starts)" if family is not None
+                         else "decided by a probe forward when the engine starts")
+    kinds = sorted({"full" if s.window is None else f"sliding {s.window}" for s in specs})
+    extra = [", softcap"] if any(s.softcap for s in specs) else []
+    mla = [", MLA (decompressed K/V)"] if any(s.k_head_dim != s.v_head_dim for s in specs) else []
+    return methods, f"served: {' + '.join(kinds)} attention" + "".join(extra + mla)
 
 
 def _bytes(n: int) -> str:

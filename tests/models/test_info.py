@@ -110,3 +110,28 @@ def test_info_json_counts_sliding_layers_and_mla_latent(tmp_path):
     assert (info["k_head_dim"], info["v_head_dim"]) == (32, 16)
     assert info["kv_bytes"] == 2 * 100 * 4 * (32 + 16) * 4  # layers · tokens · heads · (K + V) · float32
     assert info["latent_kv_bytes"] == 2 * 100 * (32 + 16) * 4  # layers · tokens · (kv_lora_rank + rope) · float32
+
+
+def test_info_says_what_quantizes_and_what_the_engine_serves(tmp_path):
+    """The support line comes from the registry and the engine's own probe (run on the meta device): windows and
+    softcapping are named, ALiBi Falcon is refused with the engine's reason, an architecture outside the registry
+    gets only the methods that need no scale mappings."""
+    _, family_model = _family("gemma2")
+
+    def support(name: str, **overrides) -> dict:
+        family_model(name, **overrides).save_pretrained(tmp_path / name)
+        r = CliRunner().invoke(app, ["models", "info", str(tmp_path / name), "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["supported"]
+
+    gemma2 = support("gemma2")
+    assert gemma2["methods"] == ["rtn", "int8", "gptq", "awq", "w8a8"]
+    assert gemma2["engine"] == "served: full + sliding 8 attention, softcap"
+    alibi = support("falcon", new_decoder_architecture=False, multi_query=False, num_kv_heads=4, alibi=True)
+    assert alibi["engine"].startswith("refused: ALiBi")
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    GPTBigCodeForCausalLM(GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=512)).save_pretrained(
+        tmp_path / "bigcode")
+    r = CliRunner().invoke(app, ["models", "info", str(tmp_path / "bigcode"), "--json"])
+    assert json.loads(r.output)["supported"]["methods"] == ["rtn", "int8", "gptq"]
