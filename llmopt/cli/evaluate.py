@@ -114,7 +114,7 @@ def evaluate(
         if r["quality"].get("tasks"):
             out.print(f"{r['model']}: tasks {json.dumps(r['quality']['tasks'])}")
         g = r["quality"].get("generation")
-        if g and g.get("refusal_flips") is not None:
+        if g and g.get("refusal_flips") is not None and r["model"] != d["baseline"]:
             out.print(f"{r['model']}: vs baseline on {g['prompts']} prompts × {g['samples_per_prompt']}: "
                       f"{g['refusal_flips']} refusal and {g['answer_flips']} answer verdicts flipped, token F1 "
                       f"{g['baseline_token_f1']:.3f} ({g['detector']})")

@@ -171,7 +171,11 @@ def evaluate(args: EvalArgs, progress: ProgressArg = False) -> EvalResult:
     from llmopt.evaluate.runner import EvalRunner
 
     for path in (args.json, args.csv, args.plot):
-        if path is not None:  # an unwritable report path must fail before the long part, not after
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise LlmoptError(f"{path} is a directory: give --json/--csv/--plot a file path")
+        if not Path(path).exists():  # an unwritable report path must fail before the long part, not after
             from llmopt.utils import check_out_dir
 
             check_out_dir(Path(path), overwrite=True)

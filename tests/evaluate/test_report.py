@@ -1,7 +1,7 @@
 import json
 
 from llmopt.evaluate.api import EvalResult, ModelReport
-from llmopt.evaluate.report import finite, pareto_front, table, write_reports
+from llmopt.evaluate.report import GENERATION_METRICS, finite, pareto_front, sidecar, table, to_csv, write_reports
 
 
 def _report(name, ppl, kld, tps):
@@ -32,3 +32,23 @@ def test_outputs(tmp_path):
 
 def test_non_finite_numbers_become_null():
     assert finite({"a": float("inf"), "b": [1.0, float("nan")]}) == {"a": None, "b": [1.0, None]}
+
+
+def test_prompt_set_columns_csv_and_sidecar_files(tmp_path):
+    a, b = _report("a", 10.0, 0.0, 100.0), _report("b", 11.0, 0.02, 150.0)
+    b.quality["generation"] = {m: 0.25 for m in GENERATION_METRICS} | {"refusal_drift_pp": -12.5}
+    res = EvalResult([a, b], {}, "a", generations=[{"model": "b", "output": "x"}],
+                     flips=[{"model": "b", "kind": "refusal"}])
+    write_reports(res, tmp_path / "r.json", None, None)
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert "generations" not in d and d["results"][1]["quality"]["generation"]["refusal_rate"] == 0.25
+    assert sidecar(tmp_path / "r.json", "flips") == tmp_path / "r.flips.jsonl"
+    assert [json.loads(x)["kind"] for x in (tmp_path / "r.flips.jsonl").read_text().splitlines()] == ["refusal"]
+    assert (tmp_path / "r.generations.jsonl").read_text().count("\n") == 1
+    header, row_a, row_b = to_csv(d).splitlines()
+    assert set(GENERATION_METRICS) <= set(header.split(","))
+    cols = header.split(",")
+    assert row_b.split(",")[cols.index("refusal_drift_pp")] == "-12.5" and row_a.split(",")[cols.index("refusal_rate")] == ""
+    t = table(d)
+    assert "refusal / over" in [c.header for c in t.columns]
+    assert "25.0% / 25.0% (-12.5 pp)" in list(t.columns[[c.header for c in t.columns].index("refusal / over")].cells)

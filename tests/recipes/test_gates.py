@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmopt.errors import LlmoptError
-from llmopt.recipes.gates import (METRICS, BinOp, Num, Ref, check_metric, evaluate_gate, flatten_result,
+from llmopt.recipes.gates import (GENERATION_METRICS, METRICS, BinOp, Num, Ref, check_metric, evaluate_gate, flatten_result,
                                   parse_gate)
 
 M = {"gptq4": {"kld_mean": 0.01, "perplexity": 10.3, "tpot_p95_ms": 5.0, "tasks.cloze": 0.4},
@@ -71,8 +71,10 @@ def test_metric_names_follow_the_eval_report_schema():
     assert check_metric("tasks.cloze", {"cloze"}) is None
     assert "not evaluated" in check_metric("tasks.mmlu", {"cloze"})
     assert "unknown metric" in check_metric("tpot_p95", None)
+    generation = {m: 0.5 for m in GENERATION_METRICS} | {"detector": "phrases:builtin", "prompts": 48}
     entry = {"model": "m", "quality": {"perplexity": 10.0, "kld_mean": None, "kld_p99": 0.1, "top1_agreement": 0.9,
-                                       "tasks": {"cloze": {"acc": 0.5, "acc_stderr": 0.01}, "x": 0.25}},
+                                       "tasks": {"cloze": {"acc": 0.5, "acc_stderr": 0.01}, "x": 0.25},
+                                       "generation": generation},
              "perf": {"output_tokens_per_s": 100.0, "total_tokens_per_s": 300.0, "requests_per_s": 2.0,
                       "engine": "llmopt", "cost_per_1k_output_tokens": None, "duration_s": 1.5, "spread": {"x": [1, 2]},
                       **{f"{m}_ms": {"mean": 1.0, "p50": 2.0, "p95": 3.0, "p99": 4.0} for m in ("ttft", "tpot", "itl", "e2el")}},
@@ -83,6 +85,7 @@ def test_metric_names_follow_the_eval_report_schema():
     assert flat["tpot_p95_ms"] == 3.0 and flat["e2el_mean_ms"] == 1.0 and flat["tasks.cloze"] == 0.5
     assert flat["tasks.x"] == 0.25 and flat["kld_mean"] is None and flat["acceptance_rate"] == 0.7
     assert "engine" not in flat and "kv_block_size" not in flat and "spec_tokens" not in flat  # settings, not metrics
+    assert flat["baseline_rouge_l"] == 0.5 and "detector" not in flat and "prompts" not in flat
     # Every metric the schema documents is produced by flattening a full report entry, and nothing else.
     assert {k for k in flat if not k.startswith("tasks.")} == set(METRICS)
 
@@ -125,3 +128,16 @@ def test_parsed_arithmetic_matches_direct_computation(tree, op):
         compare = {"<": 0.01 < expected, "<=": 0.01 <= expected, ">": 0.01 > expected,
                    ">=": 0.01 >= expected, "==": 0.01 == expected, "!=": 0.01 != expected}[op]
         assert result.passed == compare
+
+
+def test_gates_on_prompt_set_metrics():
+    metrics = flatten_result({"quality": {"generation": {"refusal_rate": 0.8, "refusal_drift_pp": -12.5,
+                                                         "baseline_agreement": 0.58, "answer_accuracy": None}}})
+    names = {"gptq4": metrics, "float": {"refusal_rate": 0.9}}
+    assert evaluate_gate(parse_gate("gptq4.refusal_drift_pp >= -5"), names).passed is False
+    assert evaluate_gate(parse_gate("gptq4.refusal_rate >= float - 0.15"), names).passed
+    assert evaluate_gate(parse_gate("gptq4.baseline_agreement > 0.5"), names).passed
+    r = evaluate_gate(parse_gate("gptq4.answer_accuracy >= 0.1"), names)  # no answerable prompts: not measured
+    assert not r.passed and r.note == "not measured: gptq4.answer_accuracy"
+    for metric in ("refusal_rate", "over_refusal_rate", "answer_accuracy_drift_pp", "baseline_token_f1"):
+        assert check_metric(metric, None) is None

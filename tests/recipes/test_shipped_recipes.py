@@ -49,6 +49,7 @@ def test_quickstart_covers_every_method_the_student_and_the_speculative_pair():
     compare = next(s for s in evals if s.args.baseline == "builtin:tiny")
     assert set(compare.deps) == set(quant) | {student.name}  # every compressed model against the float one
     assert "builtin:tiny" in compare.args.model
+    assert compare.args.prompts == "builtin"  # answer accuracy and agreement with float for every compressed model
     spec = next(s for s in evals if s.args.draft is not None)
     assert spec.args.model == ["builtin:tiny"] and spec.args.draft == str(steps[student.name].out)
     assert recipe.gates
