@@ -15,6 +15,12 @@ MLA (DeepSeek V2/V3): llmopt caches the decompressed per-head K (qk_nope + qk_ro
 (kv_lora_rank + qk_rope_head_dim, one "head") that vLLM and transformers 5's own cache keep: the
 latent is expanded inside the HF module, before the attention interface is called.
 
+The cache stores K/V in the engine's --kv-dtype (kv_format.py): a float dtype, or 8-bit codes (int8, fp8_e4m3)
+with a float16 scale per (token, kv head) in scale pools beside the pages. New tokens are quantized as they are
+written; a step dequantizes only the blocks it gathers, into the query's dtype. A fresh prompt chunk attends to its
+own unstored K/V (as vLLM's prefill does); every query that reads the cache (decode, later chunks, verification)
+sees the stored values.
+
 The step context reaches this function through a ContextVar set by the runner around its forward
 (`step_context`), not a forward kwarg: some HF decoder layers (StableLM) do not pass extra kwargs down
 to their attention module.
@@ -29,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from llmopt.engine.kv_format import SCALE_DTYPE, KVFormat, dequantize, quantize
 
 ATTN_NAME = "llmopt_paged"
 
@@ -51,30 +59,71 @@ class LayerSpec:
         return self.kv_heads * (self.k_head_dim + self.v_head_dim)
 
 
+def kv_bytes_per_token(specs: list[LayerSpec], fmt: KVFormat) -> int:
+    """Cache bytes one token takes over every layer: its K and V codes, plus one K and one V scale per kv head
+    when fmt is quantized (the formula the allocated pool is checked against)."""
+    return sum(s.values_per_token * fmt.code_bytes + 2 * s.kv_heads * fmt.scale_bytes for s in specs)
+
+
 @dataclass(slots=True)
 class PagedKVCache:
-    """Per-layer K and V block pools, [num_blocks, block_size, kv_heads, k_head_dim] and [..., v_head_dim]."""
+    """Per-layer K and V block pools, [num_blocks, block_size, kv_heads, k_head_dim] and [..., v_head_dim], in
+    fmt.dtype; for a quantized fmt also per-layer K and V scale pools [num_blocks, block_size, kv_heads] (float16).
+    Tokens are quantized as they are written (`write`) and dequantized only in the blocks a step reads (`read`)."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     block_size: int
+    fmt: KVFormat
+    k_scale: list[torch.Tensor] = field(default_factory=list)  # empty when fmt is not quantized
+    v_scale: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def allocate(cls, specs: list[LayerSpec], num_blocks: int, block_size: int, dtype: torch.dtype,
+    def allocate(cls, specs: list[LayerSpec], num_blocks: int, block_size: int, fmt: KVFormat,
                  device: torch.device) -> "PagedKVCache":
-        def pool(heads: int, dim: int) -> torch.Tensor:
-            return torch.zeros((num_blocks, block_size, heads, dim), dtype=dtype, device=device)
+        def pool(*shape: int, dtype: torch.dtype = fmt.dtype) -> torch.Tensor:
+            return torch.zeros((num_blocks, block_size, *shape), dtype=dtype, device=device)
 
-        return cls([pool(s.kv_heads, s.k_head_dim) for s in specs], [pool(s.kv_heads, s.v_head_dim) for s in specs],
-                   block_size)
+        k = [pool(s.kv_heads, s.k_head_dim) for s in specs]
+        v = [pool(s.kv_heads, s.v_head_dim) for s in specs]
+        if not fmt.scaled:
+            return cls(k, v, block_size, fmt)
+        return cls(k, v, block_size, fmt, [pool(s.kv_heads, dtype=SCALE_DTYPE) for s in specs],
+                   [pool(s.kv_heads, dtype=SCALE_DTYPE) for s in specs])
 
     @property
     def bytes_per_block(self) -> int:
-        return sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in zip(self.k, self.v))
+        pools = self.k + self.v + self.k_scale + self.v_scale
+        return sum(p[0].numel() * p.element_size() for p in pools)
 
     @property
     def total_bytes(self) -> int:
         return self.bytes_per_block * self.k[0].shape[0]
+
+    def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the step's new key [T, Hkv, Dk] and value [T, Hkv, Dv] at flat slots [T]."""
+        for pools, scales, x in ((self.k, self.k_scale, key), (self.v, self.v_scale, value)):
+            pool = pools[layer]
+            flat = pool.view(-1, *pool.shape[2:])  # [N·bs, Hkv, D]
+            if not self.fmt.scaled:
+                flat.index_copy_(0, slots, x.to(pool.dtype))
+                continue
+            codes, scale = quantize(x, self.fmt)  # [T, Hkv, D], [T, Hkv]
+            # index_copy_ has no float8 kernel on the CPU: copy the code bytes
+            _bytes(flat).index_copy_(0, slots, _bytes(codes))
+            scales[layer].view(-1, pool.shape[2]).index_copy_(0, slots, scale)
+
+    def read(self, layer: int, tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K [B, Hkv, nb·bs, Dk] and V [B, Hkv, nb·bs, Dv] in dtype of the blocks tables [B, nb] name."""
+        if not self.fmt.scaled:
+            return _gather(self.k[layer], tables).to(dtype), _gather(self.v[layer], tables).to(dtype)
+        return (_gather_dequant(self.k[layer], self.k_scale[layer], tables, dtype),
+                _gather_dequant(self.v[layer], self.v_scale[layer], tables, dtype))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 1-byte tensor's storage as uint8 (same shape), for copies torch lacks for its dtype."""
+    return t.view(torch.uint8) if t.dtype != torch.int8 else t
 
 
 @dataclass(slots=True)
@@ -129,6 +178,15 @@ def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     b, nb = tables.shape
     blocks = pool[tables]  # [B, nb, bs, Hkv, D]
     return blocks.view(b, nb * pool.shape[1], pool.shape[2], pool.shape[3]).transpose(1, 2)
+
+
+def _gather_dequant(codes: torch.Tensor, scales: torch.Tensor, tables: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Blocks of codes [N, bs, Hkv, D] and scales [N, bs, Hkv] picked by tables [B, nb], dequantized to dtype
+    → [B, Hkv, nb*bs, D]: only the blocks this step reads are converted, never the whole pool."""
+    b, nb = tables.shape
+    x = dequantize(codes[tables], scales[tables], dtype)  # [B, nb, bs, Hkv, D]
+    return x.view(b, nb * codes.shape[1], codes.shape[2], codes.shape[3]).transpose(1, 2)
 
 
 def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -191,27 +249,24 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         return _probe(ctx, module, query, key, value, scaling, kwargs)
     layer = module.layer_idx
     spec = ctx.specs[layer]
-    k_pool, v_pool = ctx.cache.k[layer], ctx.cache.v[layer]  # [N, bs, Hkv, Dk], [N, bs, Hkv, Dv]
-    hkv = k_pool.shape[2]
-    k_pool.view(-1, hkv, spec.k_head_dim).index_copy_(0, ctx.slot_mapping, key[0].transpose(0, 1).to(k_pool.dtype))
-    v_pool.view(-1, hkv, spec.v_head_dim).index_copy_(0, ctx.slot_mapping, value[0].transpose(0, 1).to(v_pool.dtype))
+    cache = ctx.cache
+    cache.write(layer, ctx.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))  # [T, Hkv, D]
 
     t, h = query.shape[2], query.shape[1]
     out = query.new_empty(t, h, spec.v_head_dim)  # [T, H, Dv]
     bd = ctx.num_decode
     if bd:
         q = query[0, :, :bd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, Dk]
-        k = _gather(k_pool, ctx.decode_tables).to(q.dtype)  # [Bd, Hkv, S, Dk]
-        v = _gather(v_pool, ctx.decode_tables).to(q.dtype)  # [Bd, Hkv, S, Dv]
+        k, v = cache.read(layer, ctx.decode_tables, q.dtype)  # [Bd, Hkv, S, Dk], [Bd, Hkv, S, Dv]
         out[:bd] = _attend(q, k, v, ctx.decode_masks[spec.window], scaling, spec.softcap)[:, :, 0]
     for seg in ctx.segments:
         s, n = seg.start, seg.length
         q = query[:, :, s:s + n]  # [1, H, L, Dk]
-        if seg.block_table is None:  # fresh prompt: its keys are exactly this chunk's
+        if seg.block_table is None:  # fresh prompt: its keys are exactly this chunk's, unquantized (as vLLM)
             k, v = key[:, :, s:s + n], value[:, :, s:s + n]  # [1, Hkv, L, Dk/Dv]
         else:
-            k = _gather(k_pool, seg.block_table[None])[:, :, :seg.context].to(q.dtype)  # [1, Hkv, C, Dk]
-            v = _gather(v_pool, seg.block_table[None])[:, :, :seg.context].to(q.dtype)  # [1, Hkv, C, Dv]
+            k, v = cache.read(layer, seg.block_table[None], q.dtype)  # [1, Hkv, nb·bs, Dk/Dv]
+            k, v = k[:, :, :seg.context], v[:, :, :seg.context]  # [1, Hkv, C, Dk/Dv]
         out[s:s + n] = _attend(q, k, v, seg.masks[spec.window], scaling, spec.softcap)[0].transpose(0, 1)
     return out.unsqueeze(0), None
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmopt.engine.attention import PagedKVCache
+from llmopt.engine.attention import PagedKVCache, kv_bytes_per_token
 from llmopt.engine.block_manager import BlockManager, blocks_for
+from llmopt.engine.kv_format import KVFormat, check_kv_dtype, resolve_kv_format
 from llmopt.engine.runner import ModelRunner, common_window, inspect_attention, paged_attention_enabled
 from llmopt.engine.sampling import SamplingParams, sample_rows
 from llmopt.engine.scheduler import Scheduler, SchedulerConfig
@@ -30,8 +31,10 @@ class EngineConfig:
     max_prefill_tokens: int = 1024
     max_num_seqs: int = 256
     max_blocks: int | None = None  # never allocate more blocks than this (e.g. what a workload can use)
+    kv_dtype: str = "auto"  # how the cache stores K/V (kv_format.KV_DTYPES); auto = the model's dtype
 
     def __post_init__(self) -> None:
+        check_kv_dtype(self.kv_dtype)
         if self.block_size < 1:
             raise LlmoptError(f"--block-size must be ≥ 1 (got {self.block_size})")
         if self.kv_budget < 1:
@@ -60,11 +63,13 @@ class KVStats:
     peak_blocks: int
     peak_tokens: int  # tokens the held blocks stored at that peak (blocks out of the window were freed)
     allocated_bytes: int  # peak_blocks' bytes
-    # peak_tokens·Σ_layers kv_heads·(k_head_dim + v_head_dim)·bytes: 2·layers·kv_heads·head_dim·bytes per token
-    # where K and V share a head dim; MLA's decompressed K and V do not
+    # peak_tokens·Σ_layers kv_heads·((k_head_dim + v_head_dim)·bytes + 2·scale_bytes): 2·layers·kv_heads·head_dim·
+    # bytes per token where K and V share a head dim (MLA's decompressed K and V do not), plus a K and a V scale
+    # per kv head when the cache is quantized (--kv-dtype int8/fp8_e4m3)
     formula_bytes: int
     waste_bytes: int  # allocated − formula: the unused tails of blocks
     preemptions: int
+    kv_dtype: str  # the resolved storage (auto → the model's dtype name)
 
 
 class LLMEngine:
@@ -75,10 +80,9 @@ class LLMEngine:
         self.config = config
         self.eos_id = eos_id
         self.clock = clock
-        dtype = model_dtype(model)
+        self.kv_format: KVFormat = resolve_kv_format(config.kv_dtype, model_dtype(model))
         device = model.get_input_embeddings().weight.device
-        el = torch.empty((), dtype=dtype).element_size()
-        self.kv_bytes_per_token = sum(s.values_per_token for s in self.specs) * el  # every layer, one token
+        self.kv_bytes_per_token = kv_bytes_per_token(self.specs, self.kv_format)  # every layer, one token, scales too
         per_block = self.kv_bytes_per_token * config.block_size
         num_blocks = config.kv_budget // per_block
         if num_blocks < 1:
@@ -87,7 +91,7 @@ class LLMEngine:
         if config.max_blocks is not None:
             num_blocks = max(1, min(num_blocks, config.max_blocks))
         self.blocks = BlockManager(num_blocks, config.block_size, common_window(self.specs))
-        self.cache = PagedKVCache.allocate(self.specs, num_blocks, config.block_size, dtype, device)
+        self.cache = PagedKVCache.allocate(self.specs, num_blocks, config.block_size, self.kv_format, device)
         self.runner = ModelRunner(model, self.specs, self.cache, self.blocks)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens))
         self.max_context = max_context(model)
@@ -169,13 +173,34 @@ class LLMEngine:
                     progress(len(finished))
         return list(self.sequences)
 
+    def teacher_forced_logits(self, tokens: list[int], chunk: int) -> torch.Tensor:
+        """Next-token logits [len(tokens), V] (the model's dtype) at every position of `tokens`, fed through the paged cache
+        as a one-token first chunk, then chunks of `chunk`: every later query reads its keys, its own chunk's
+        included, back from the cache (a fresh prompt's first chunk attends to its unstored keys), so the
+        distributions are what decode sees through this engine's --kv-dtype."""
+        if chunk < 1:
+            raise LlmoptError(f"a teacher-forcing chunk holds at least one token (got {chunk})")
+        self.check_request(len(tokens), 1)
+        seq = Sequence(-1, list(tokens), SamplingParams(max_tokens=1))
+        self.blocks.reserve(seq, len(tokens))
+        rows: list[torch.Tensor] = []
+        try:
+            with paged_attention_enabled(self.model):
+                while seq.num_computed < len(tokens):
+                    n = 1 if seq.num_computed == 0 else min(chunk, len(tokens) - seq.num_computed)
+                    rows.append(self.runner.forward([(seq, n)], [n]))  # [n, V]
+                    seq.num_computed += n
+        finally:
+            self.blocks.release(seq)
+        return torch.cat(rows)  # [L, V]
+
     def kv_stats(self) -> KVStats:
         st = self.blocks.stats
         per_block = self.cache.bytes_per_block
         formula = st.peak_tokens * self.kv_bytes_per_token
         return KVStats(st.block_size, st.num_blocks, self.cache.total_bytes, st.peak_blocks, st.peak_tokens,
                        st.peak_blocks * per_block, formula, st.peak_blocks * per_block - formula,
-                       self.scheduler.num_preemptions)
+                       self.scheduler.num_preemptions, self.kv_format.name)
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -21,6 +21,7 @@ import torch
 from llmopt.engine.attention import PagedKVCache
 from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.engine import LLMEngine, model_dtype
+from llmopt.engine.kv_format import resolve_kv_format
 from llmopt.engine.runner import ModelRunner, common_window, inspect_attention
 from llmopt.engine.sampling import probs, sample_rows
 from llmopt.engine.sequence import Sequence
@@ -85,7 +86,9 @@ class Speculator:
         self.k = k
         n = engine.blocks.stats.num_blocks
         self.blocks = BlockManager(n, engine.blocks.block_size, common_window(specs))
-        self.cache = PagedKVCache.allocate(specs, n, engine.blocks.block_size, model_dtype(draft_model),
+        # the draft's cache stores K/V as the target's does (--kv-dtype), resolved against the draft's own dtype
+        fmt = resolve_kv_format(engine.config.kv_dtype, model_dtype(draft_model))
+        self.cache = PagedKVCache.allocate(specs, n, engine.blocks.block_size, fmt,
                                            draft_model.get_input_embeddings().weight.device)
         self.runner = ModelRunner(draft_model, specs, self.cache, self.blocks)
         self.mirrors: dict[int, Sequence] = {}
