@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from llmopt.cli.main import app
-from llmopt.recipes.gates import METRICS
+from llmopt.recipes.gates import GENERATION_METRICS, METRICS
 
 RECIPE = """\
 name: real
@@ -43,6 +43,8 @@ steps:
     seq_len: 64
     quality_tokens: 512
     threads: 1
+    prompts: builtin
+    gen_tokens: 4
   spec:
     kind: eval
     model: {{spec: "${{vars.model}}"}}
@@ -73,7 +75,7 @@ def test_recipe_on_real_steps_measures_gates_and_resumes(tiny_model_dir, tmp_pat
     assert rows["float"]["baseline"] and rows["float"]["metrics"]["kld_mean"] < 1e-9
     assert rows["rtn4"]["raw"]["method"] == "rtn"
     # Every metric gates can name is measured by the real eval (quality ones where quality ran).
-    quality = {"perplexity", "kld_mean", "kld_p99", "top1_agreement"}
+    quality = {"perplexity", "kld_mean", "kld_p99", "top1_agreement", *GENERATION_METRICS}
     optional = {"cost_per_1k_output_tokens"}  # only with --price-per-hour
     for name in ("rtn4", "spec"):
         measured = {k for k, v in rows[name]["metrics"].items() if v is not None}
@@ -84,6 +86,7 @@ def test_recipe_on_real_steps_measures_gates_and_resumes(tiny_model_dir, tmp_pat
     student = json.loads((out / "student" / "step.json").read_text())["result"]
     assert student["metrics"]["student_ppl"] > 0 and (out / "student" / "model" / "llmopt.json").exists()
     assert (out / "rtn4" / "model" / "config.json").exists() and (out / "compare" / "eval.json").exists()
+    assert (out / "compare" / "eval.flips.jsonl").exists()  # the prompt-set flips land beside the step's report
 
     again = CliRunner().invoke(app, ["run", str(recipe)])
     assert again.exit_code == 0, again.output
