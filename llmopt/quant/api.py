@@ -369,7 +369,7 @@ def _evaluate(args: QuantizeArgs, path: Path, windows: torch.Tensor, device: tor
     """Quality of the written checkpoint, reloaded through llmopt's runtime (what users will run), and of the
     float model, on the same windows."""
     from llmopt.evaluate.quality import measure_quality
-    from llmopt.models import ModelSpec, check_seq_len, load_model
+    from llmopt.models import ModelSpec, load_model
     from llmopt.utils import dtype_name
 
     base = load_model(ModelSpec(args.model, str(device), dtype_name(dtype), args.trust_remote_code, args.revision))

@@ -13,6 +13,7 @@ import torch
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+_DROP = object()  # a common size the family's config does not take (GPT-2 names its own)
 _FAMILY: dict[str, dict] = {
     "llama": dict(head_dim=16),
     "mistral": dict(head_dim=16, sliding_window=8),
@@ -30,13 +31,13 @@ _FAMILY: dict[str, dict] = {
                         layer_types=["sliding_attention", "full_attention"] * 2),
     "phi": dict(partial_rotary_factor=0.5, num_key_value_heads=4),
     "phi3": dict(),
-    "gpt_neox": dict(rotary_pct=0.5, num_key_value_heads=None),
-    "opt": dict(ffn_dim=128, word_embed_proj_dim=64, num_key_value_heads=None),
-    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, num_key_value_heads=None, parallel_attn=True,
+    "gpt_neox": dict(rotary_pct=0.5, num_key_value_heads=_DROP),
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64, num_key_value_heads=_DROP),
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, num_key_value_heads=_DROP, parallel_attn=True,
                    bias=False),
-    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128, num_key_value_heads=None,
-                 hidden_size=None, num_hidden_layers=None, num_attention_heads=None, intermediate_size=None,
-                 max_position_embeddings=None),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128, num_key_value_heads=_DROP,
+                 hidden_size=_DROP, num_hidden_layers=_DROP, num_attention_heads=_DROP, intermediate_size=_DROP,
+                 max_position_embeddings=_DROP),
     "stablelm": dict(partial_rotary_factor=0.5),
     "olmo2": dict(),
     "granite": dict(),
@@ -54,8 +55,7 @@ FAMILIES = tuple(_FAMILY)
 def family_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
-    kw = {k: v for k, v in {**_COMMON, **_FAMILY[model_type], **overrides}.items() if v is not None
-          or k in ("sliding_window",)}
+    kw = {k: v for k, v in {**_COMMON, **_FAMILY[model_type], **overrides}.items() if v is not _DROP}
     return AutoConfig.for_model(model_type, **kw)
 
 
