@@ -79,8 +79,9 @@ def report(gens: ModelGenerations, baseline: ModelGenerations | None, prompts: P
            settings: GenerationSettings, detector: RefusalDetector, chat_template: bool) -> tuple[dict, list[Flip]]:
     """quality.generation of the eval report, and the flips against the baseline."""
     summary, flips = summarize_generations(gens.scored, baseline.scored if baseline is not None else None)
-    out = {"prompts": len(prompts.items), "prompt_set": prompts.source, "samples_per_prompt": settings.samples_per_prompt,
-           "gen_tokens": settings.gen_tokens, "detector": detector.name, "chat_template": chat_template}
+    out = {"prompts": len(prompts.items), "prompt_set": prompts.source,
+           "samples_per_prompt": settings.samples_per_prompt, "gen_tokens": settings.gen_tokens,
+           "detector": detector.name, "chat_template": chat_template}
     out |= asdict(summary)
     out["judge_unparsed"] = gens.judge_unparsed
     return out, flips
@@ -124,7 +125,8 @@ def engine_generator(model, tokenizer, kv_budget: int, block_size: int, max_pref
     def generate(prompts: list[str], params: list[SamplingParams]) -> list[Generated]:
         ids = [render(tokenizer, p, chat_template) for p in prompts]
         config = EngineConfig(kv_budget, block_size, max_prefill_tokens, max_num_seqs,
-                              max_blocks=sum(blocks_for(len(x) + sp.max_tokens, block_size) for x, sp in zip(ids, params)))
+                              max_blocks=sum(blocks_for(len(x) + sp.max_tokens, block_size)
+                                             for x, sp in zip(ids, params)))
         engine = LLMEngine(model, config, tokenizer.eos_token_id)
         for x, sp in zip(ids, params):
             engine.add(x, sp)

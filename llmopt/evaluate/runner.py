@@ -137,10 +137,7 @@ class EvalRunner:
             baseline = load_model(self._spec(a.baseline))
         draft = load_model(self._spec(a.draft)).model if a.draft and not a.quality_only else None
         if a.refusal_judge and self.prompt_set is not None:
-            judge = load_model(self._spec(a.refusal_judge))
-            generate = self._generator(judge, chat_template=True)
-            self.detector = JudgeDetector(lambda ps: [g.text for g in generate(ps, [SamplingParams(JUDGE_TOKENS)] * len(ps))],
-                                          f"judge:{a.refusal_judge}")
+            self.detector = self._judge(load_model(self._spec(a.refusal_judge)))
         reports = []
         for name in self.names:
             loaded = baseline if (baseline is not None and name == a.baseline) else load_model(self._spec(name))
@@ -192,6 +189,15 @@ class EvalRunner:
         if self.prompt_set is not None:
             out["generation"] = self.generation(name, loaded, baseline)
         return out
+
+    def _judge(self, judge) -> JudgeDetector:
+        """The judge LM through llmopt's engine: greedy, JUDGE_TOKENS tokens, inside its chat template if any."""
+        generate = self._generator(judge, chat_template=True)
+
+        def answers(prompts: list[str]) -> list[str]:
+            return [g.text for g in generate(prompts, [SamplingParams(JUDGE_TOKENS)] * len(prompts))]
+
+        return JudgeDetector(answers, f"judge:{self.args.refusal_judge}")
 
     def _generator(self, loaded, chat_template: bool):
         a = self.args

@@ -172,7 +172,8 @@ def summarize_generations(scored: list[Scored], baseline: list[Scored] | None = 
     vs = dict(refusal_drift_pp=drift_pp(own["refusal_rate"], b_summary.refusal_rate),
               over_refusal_drift_pp=drift_pp(own["over_refusal_rate"], b_summary.over_refusal_rate),
               answer_accuracy_drift_pp=drift_pp(own["answer_accuracy"], b_summary.answer_accuracy),
-              refusal_flips=sum(f.kind == "refusal" for f in flips), answer_flips=sum(f.kind == "answer" for f in flips),
+              refusal_flips=sum(f.kind == "refusal" for f in flips),
+              answer_flips=sum(f.kind == "answer" for f in flips),
               baseline_agreement=rate([b.text.strip() == s.text.strip() for b, s in pairs]),
               baseline_token_f1=mean([token_f1(s.text, b.text) for b, s in pairs]),
               baseline_rouge_l=mean([rouge_l(s.text, b.text) for b, s in pairs]))

@@ -90,7 +90,8 @@ def test_loading_jsonl_csv_and_builtin(tmp_path):
 @pytest.mark.parametrize("content, suffix, message", [
     ("", ".jsonl", "no prompts in it"),
     ('{"text": "hi"}\n', ".jsonl", "p.jsonl:1: missing `prompt` field"),
-    ('{"prompt": "hi", "category": "evil"}\n', ".jsonl", "unknown category 'evil': use one of harmful, benign, general"),
+    ('{"prompt": "hi", "category": "evil"}\n', ".jsonl",
+     "unknown category 'evil': use one of harmful, benign, general"),
     ('{"prompt": "hi", "answers": [3]}\n', ".jsonl", "`answers` must be a list of non-empty strings"),
     ("not json\n", ".jsonl", "p.jsonl:1: not a JSON object"),
     ("text,category\nhi,benign\n", ".csv", "no `prompt` column"),

@@ -48,7 +48,8 @@ def test_prompt_set_columns_csv_and_sidecar_files(tmp_path):
     header, row_a, row_b = to_csv(d).splitlines()
     assert set(GENERATION_METRICS) <= set(header.split(","))
     cols = header.split(",")
-    assert row_b.split(",")[cols.index("refusal_drift_pp")] == "-12.5" and row_a.split(",")[cols.index("refusal_rate")] == ""
+    assert row_b.split(",")[cols.index("refusal_drift_pp")] == "-12.5"
+    assert row_a.split(",")[cols.index("refusal_rate")] == ""  # a model without a prompt set: empty cells
     t = table(d)
     assert "refusal / over" in [c.header for c in t.columns]
     assert "25.0% / 25.0% (-12.5 pp)" in list(t.columns[[c.header for c in t.columns].index("refusal / over")].cells)
