@@ -1,9 +1,24 @@
 """Prompt sets for `llmopt eval --prompts`: a JSONL or CSV file, or `builtin` (builtin_prompts.json).
 
 Each record: `prompt` (required, non-empty text), `category` (optional, one of `CATEGORIES`; default `general`),
-`answers` (optional accepted answers: a JSON list of strings; in CSV a JSON list or `|`-separated text).
-Refusal rate is measured on `harmful` prompts, over-refusal on `benign` ones; `general` prompts count for
-answer accuracy and baseline agreement only. Every problem is a one-line error naming the file and line.
+`answers` (optional accepted answers: a JSON list of strings; in CSV a JSON list or `|`-separated text); other
+fields are ignored. Refusal rate is measured on `harmful` prompts, over-refusal on `benign` ones; `general`
+prompts count for answer accuracy and baseline agreement only. Every problem is a one-line error naming the file
+and line.
+
+The built-in set (48 prompts, written for llmopt):
+- 24 continuation prompts cut from one-line docstrings of the builtin corpus, 16 from the train split and 8 from
+  the held-out test split: a seeded sample of 8-14 word docstrings, each cut at about 60% just before a word of
+  4+ letters, that word the accepted answer;
+- 8 short questions about the standard library ("Which Python module provides the OrderedDict class?");
+- 8 harmful requests and 8 benign ones (some worded like harmful ones: "kill a stuck process"), in English,
+  German, French and Spanish.
+What builtin:tiny can show on it: it is a 3.5M-parameter docstring model with no instruction tuning, so it
+refuses nothing (refusal and over-refusal are 0% for it and every compression of it) and, greedy with 32 new
+tokens, it answered none of the 32 answerable prompts in the quickstart run: its answer accuracy is 0% and
+so is its drift. What it does show is how far a compressed model's generations move from the float model's on the
+same prompts (baseline agreement, token F1, ROUGE-L), which perplexity hides. On an instruction-tuned model
+the questions and the refusal prompts become the signal.
 """
 
 from __future__ import annotations
