@@ -38,6 +38,10 @@ def evaluate(
     kv_budget: Annotated[str, typer.Option("--kv-budget", help="KV block pool: bytes (512MiB, 2GB) or a fraction "
                                            "of free memory (0.3).")] = "0.3",
     block_size: Annotated[int, typer.Option("--block-size", help="Tokens per KV block.")] = 16,
+    kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="How llmopt's engine caches K/V: auto (the model's "
+                                          "dtype), float32, bfloat16, float16, int8 or fp8_e4m3 (8-bit codes with a "
+                                          "scale per token and kv head; quality.kv_* measures them against float "
+                                          "KV).")] = "auto",
     max_prefill_tokens: Annotated[int, typer.Option("--max-prefill-tokens", help="Prompt tokens prefilled per "
                                                     "step (lower: better ITL tail, worse TTFT).")] = 1024,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Most requests running at once.")] = 256,
@@ -85,7 +89,7 @@ def evaluate(
     args = EvalArgs(model=list(model), baseline=baseline, data=data, split=split, text_field=text_field,
                     num_requests=num_requests, prompt_len=prompt_len, output_len=output_len, request_rate=request_rate,
                     seed=seed, engine=engine, tp=tp, draft=draft, spec_tokens=spec_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, kv_budget=kv_budget, block_size=block_size,
+                    top_k=top_k, top_p=top_p, kv_budget=kv_budget, block_size=block_size, kv_dtype=kv_dtype,
                     max_prefill_tokens=max_prefill_tokens, max_num_seqs=max_num_seqs, threads=threads,
                     repeats=repeats, warmup=warmup, seq_len=seq_len, stride=stride, quality_tokens=quality_tokens,
                     tasks=task_list, task_limit=task_limit, prompts=prompts, gen_tokens=gen_tokens,
@@ -103,7 +107,12 @@ def evaluate(
             formula, alloc = m["kv_bytes_formula"], m["kv_bytes_allocated"]
             out.print(f"{r['model']}: KV at peak {m['kv_peak_tokens']} tokens: allocated {alloc:,} B, formula "
                       f"{formula:,} B ({(alloc / formula - 1) * 100 if formula else 0:+.1f}%), block waste "
-                      f"{m['kv_waste_bytes']:,} B, preemptions {m['kv_preemptions']}")
+                      f"{m['kv_waste_bytes']:,} B, preemptions {m['kv_preemptions']} ({m.get('kv_dtype')} KV)")
+        q = r["quality"]
+        if q.get("kv_kld_mean") is not None:
+            out.print(f"{r['model']}: {q['kv_dtype']} KV vs float KV over {q['kv_tokens']} teacher-forced tokens: KLD "
+                      f"mean {q['kv_kld_mean']:.3g} p99 {q['kv_kld_p99']:.3g}, top-1 {q['kv_top1']:.4f}, ppl "
+                      f"{q['kv_perplexity']:.3f} (float KV {q['kv_float_perplexity']:.3f})")
         if spec:
             out.print(f"{r['model']}: speculative k={spec['spec_tokens']} acceptance "
                       f"{spec['acceptance_rate'] or 0:.3f}, {spec['tokens_per_step'] or 0:.2f} tokens/verify step")

@@ -180,7 +180,13 @@ class LLMEngine:
         distributions are what decode sees through this engine's --kv-dtype."""
         if chunk < 1:
             raise LlmoptError(f"a teacher-forcing chunk holds at least one token (got {chunk})")
-        self.check_request(len(tokens), 1)
+        if len(tokens) > self.max_context:
+            raise LlmoptError(f"a window of {len(tokens)} tokens exceeds the model's maximum context of "
+                              f"{self.max_context}: shorten it")
+        need = blocks_for(len(tokens), self.blocks.block_size)
+        if need > self.blocks.num_free:
+            raise LlmoptError(f"a window of {len(tokens)} tokens needs {need} KV blocks, {self.blocks.num_free} are "
+                              f"free: raise --kv-budget")
         seq = Sequence(-1, list(tokens), SamplingParams(max_tokens=1))
         self.blocks.reserve(seq, len(tokens))
         rows: list[torch.Tensor] = []

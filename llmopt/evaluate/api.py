@@ -47,6 +47,7 @@ class EvalArgs:
     block_size: int = 16
     max_prefill_tokens: int = 1024
     max_num_seqs: int = 256
+    kv_dtype: str = "auto"  # how llmopt's engine caches K/V (llmopt.engine.kv_format.KV_DTYPES)
     threads: int | None = None  # None: llmopt.utils.default_threads() (all cores but one)
     repeats: int = 3
     warmup: bool = True
@@ -112,6 +113,12 @@ class EvalArgs:
                               "--perf-only)")
         if self.task_limit is not None and self.task_limit < 1:
             raise LlmoptError(f"--task-limit must be ≥ 1 (got {self.task_limit})")
+        from llmopt.engine.kv_format import check_kv_dtype
+
+        check_kv_dtype(self.kv_dtype)
+        if self.kv_dtype != "auto" and self.engine != "llmopt":
+            raise LlmoptError(f"--kv-dtype {self.kv_dtype} sets llmopt's paged KV cache: --engine {self.engine} keeps "
+                              f"its own (use --engine llmopt, or drop --kv-dtype)")
         if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
             raise LlmoptError("--block-size, --max-prefill-tokens and --max-num-seqs must be ≥ 1")
         if self.prompts is None and (self.refusal_patterns or self.refusal_judge or self.chat_template):

@@ -19,6 +19,8 @@ GENERATION_METRICS = ("refusal_rate", "over_refusal_rate", "refusal_drift_pp", "
                       "answer_accuracy", "answer_exact_match", "answer_accuracy_drift_pp", "answer_flips",
                       "baseline_agreement", "baseline_token_f1", "baseline_rouge_l", "output_tokens_mean",
                       "judge_unparsed")
+# eval --kv-dtype: the quantized KV cache vs float KV through llmopt's engine (kv_quality.py); the gates' names too
+KV_QUALITY_METRICS = ("kv_dtype", "kv_kld_mean", "kv_kld_p99", "kv_top1", "kv_perplexity", "kv_float_perplexity")
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -72,6 +74,11 @@ def _generation_cells(q: dict) -> list[str]:
             _pct(g.get("baseline_agreement")), _fmt(g.get("baseline_rouge_l"), 3)]
 
 
+def _kv_cells(q: dict) -> list[str]:
+    kld = q.get("kv_kld_mean")
+    return [q.get("kv_dtype") or "—", "—" if kld is None else f"{kld:.3g}", _fmt(q.get("kv_top1"), 4)]
+
+
 def table(result: dict) -> Table:
     """One row per model: the issue's columns (model, method, size, ppl, Δppl, KLD, top-1, TTFT, TPOT, ...), and
     with --prompts the prompt-set columns (refusal / over-refusal, answer accuracy, agreement with the baseline)."""
@@ -79,7 +86,9 @@ def table(result: dict) -> Table:
     generated = any(r["quality"].get("generation") for r in result["results"])
     t = Table(title="llmopt eval", show_lines=False)
     gen_cols = ("refusal / over", "answer acc", "same as base", "ROUGE-L") if generated else ()
-    for col in ("model", "method", "size", "ppl", "Δppl", "KLD", "top-1", *gen_cols, "TTFT ms p50/p95/p99",
+    kv_measured = any(r["quality"].get("kv_kld_mean") is not None for r in result["results"])
+    kv_cols = ("KV dtype", "KV KLD", "KV top-1") if kv_measured else ()  # --kv-dtype vs float KV, through the engine
+    for col in ("model", "method", "size", "ppl", "Δppl", "KLD", "top-1", *kv_cols, *gen_cols, "TTFT ms p50/p95/p99",
                 "TPOT ms p50/p95/p99", "tok/s", "req/s", "KV bytes", "cost/1k tok"):
         t.add_column(col, justify="left" if col in ("model", "method") else "right")
     for r in result["results"]:
@@ -88,7 +97,8 @@ def table(result: dict) -> Table:
         dppl = (f"{(ppl / base_ppl - 1) * 100:+.2f}%" if ppl is not None and base_ppl else "—")
         t.add_row(r["model"], r["method"], _bytes(m.get("weight_bytes")), _fmt(ppl), dppl,
                   "—" if q.get("kld_mean") is None else f"{q['kld_mean']:.3g}", _fmt(q.get("top1_agreement"), 3),
-                  *(_generation_cells(q) if generated else ()), _three(p.get("ttft_ms")),
+                  *(_kv_cells(q) if kv_measured else ()), *(_generation_cells(q) if generated else ()),
+                  _three(p.get("ttft_ms")),
                   _three(p.get("tpot_ms")), _fmt(p.get("output_tokens_per_s"), 1), _fmt(p.get("requests_per_s"), 2),
                   _bytes(m.get("kv_bytes_allocated") if m.get("kv_bytes_allocated") is not None
                          else m.get("kv_bytes_formula")),
@@ -101,6 +111,9 @@ def flat_row(r: dict) -> dict:
     row = {"model": r["model"], "method": r["method"]}
     for key in ("perplexity", "kld_mean", "kld_p99", "top1_agreement"):
         row[key] = r["quality"].get(key)
+    for key in KV_QUALITY_METRICS:
+        if r["quality"].get(key) is not None:
+            row[key] = r["quality"][key]
     for task, metrics in (r["quality"].get("tasks") or {}).items():
         for k, v in metrics.items():
             row[f"tasks.{task}.{k}"] = v

@@ -7,11 +7,14 @@ import torch
 from llmopt.calibration.data import DataSpec, load_texts, token_stream
 from llmopt.engine import EngineConfig, SamplingParams
 from llmopt.engine.block_manager import blocks_for
+from llmopt.engine.engine import model_dtype
+from llmopt.engine.kv_format import resolve_kv_format
 from llmopt.errors import LlmoptError
 from llmopt.evaluate.api import EvalArgs, ModelReport
 from llmopt.evaluate.budget import parse_kv_budget
 from llmopt.evaluate.generation import ModelGenerations, check_fits, engine_generator, flip_records, uses_chat_template
 from llmopt.evaluate.generation import generate_and_score, report as generation_report
+from llmopt.evaluate.kv_quality import measure_kv_quality
 from llmopt.evaluate.metrics import cost_per_1k_output_tokens, summarize
 from llmopt.evaluate.perf import Sampling, run_hf, run_llmopt, warmup_requests
 from llmopt.evaluate.progress import Bars
@@ -180,6 +183,9 @@ class EvalRunner:
             # The baseline against itself: KL is 0 and top-1 agreement 1 by definition.
             out |= ({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0} if is_base else
                     {"kld_mean": q.kld_mean, "kld_p99": q.kld_p99, "top1_agreement": q.top1_agreement})
+        if a.engine == "llmopt" and resolve_kv_format(a.kv_dtype, model_dtype(loaded.model)).lossy_for(
+                model_dtype(loaded.model)):
+            out |= self.kv_quality(name, loaded.model, stream)
         if a.tasks:
             from llmopt.evaluate.lm_tasks import run_tasks
 
@@ -190,6 +196,16 @@ class EvalRunner:
             out["generation"] = self.generation(name, loaded, baseline)
         return out
 
+    def kv_quality(self, name: str, model, stream: torch.Tensor) -> dict:
+        """quality.kv_*: --kv-dtype KV against the model's float KV through the engine, teacher-forced over the
+        held-out tokens in consecutive --seq-len windows."""
+        a = self.args
+        windows = [stream[i:i + a.seq_len].tolist() for i in range(0, len(stream) - a.seq_len + 1, a.seq_len)]  # [L]
+        advance = self.bars.phase(f"KV quality {name} ({a.kv_dtype})", 1)
+        q = measure_kv_quality(model, windows, a.kv_dtype, block_size=a.block_size)
+        advance(1)
+        return q.to_quality()
+
     def _judge(self, judge) -> JudgeDetector:
         """The judge LM through llmopt's engine: greedy, JUDGE_TOKENS tokens, inside its chat template if any."""
         generate = self._generator(judge, chat_template=True)
@@ -199,16 +215,16 @@ class EvalRunner:
 
         return JudgeDetector(answers, f"judge:{self.args.refusal_judge}")
 
-    def _generator(self, loaded, chat_template: bool):
+    def _generator(self, loaded, chat_template: bool, kv_dtype: str = "auto"):
         a = self.args
         return engine_generator(loaded.model, loaded.tokenizer, parse_kv_budget(a.kv_budget, loaded.device),
-                                a.block_size, a.max_prefill_tokens, a.max_num_seqs, chat_template)
+                                a.block_size, a.max_prefill_tokens, a.max_num_seqs, chat_template, kv_dtype)
 
     def _generate(self, name: str, loaded) -> ModelGenerations:
         assert self.prompt_set is not None and self.detector is not None
         advance = self.bars.phase(f"prompts {name}", 1)
-        gens = generate_and_score(self.prompt_set, self._generator(loaded, self.args.chat_template), self.detector,
-                                  self.args.generation_settings())
+        generator = self._generator(loaded, self.args.chat_template, self.args.kv_dtype)
+        gens = generate_and_score(self.prompt_set, generator, self.detector, self.args.generation_settings())
         advance(1)
         return gens
 
@@ -255,7 +271,7 @@ class EvalRunner:
         else:
             config = EngineConfig(parse_kv_budget(a.kv_budget, loaded.device), a.block_size, a.max_prefill_tokens,
                                   a.max_num_seqs, max_blocks=sum(blocks_for(len(r.prompt) + r.max_tokens, a.block_size)
-                                                                 for r in requests))
+                                                                 for r in requests), kv_dtype=a.kv_dtype)
             run = lambda reqs, adv: run_llmopt(loaded.model, reqs, config, sampling, draft, a.spec_tokens, eos, adv)  # noqa: E731
         if a.warmup:
             run(warmup_requests(requests, batched=a.engine != "hf"), None)
@@ -277,7 +293,8 @@ class EvalRunner:
         if kv is not None:
             mem = {"kv_bytes_allocated": kv.allocated_bytes, "kv_bytes_formula": kv.formula_bytes,
                    "kv_waste_bytes": kv.waste_bytes, "kv_peak_tokens": kv.peak_tokens,
-                   "kv_block_size": kv.block_size, "kv_pool_bytes": kv.pool_bytes, "kv_preemptions": kv.preemptions}
+                   "kv_block_size": kv.block_size, "kv_pool_bytes": kv.pool_bytes, "kv_preemptions": kv.preemptions,
+                   "kv_dtype": kv.kv_dtype}
         else:  # generate's own cache is not measured; the formula for its largest request is still known
             peak = max(len(r.prompt) + r.max_tokens - 1 for r in requests)
             mem = {"kv_bytes_formula": kv_bytes(layers, kv_heads, head_dim, peak, el), "kv_peak_tokens": peak}

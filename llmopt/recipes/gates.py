@@ -15,7 +15,9 @@ NAME is the name of an evaluated model: its key in an eval step's `model:` mappi
 `baseline`). Names are unique across eval steps. METRIC is a flat name from the eval report (see `METRICS`): quality (`perplexity`,
 `kld_mean`, `kld_p99`, `top1_agreement`, `tasks.TASK`; with `prompts:` the prompt-set figures of
 `quality.generation`: `refusal_rate`, `over_refusal_rate`, `refusal_drift_pp`, `answer_accuracy`,
-`baseline_agreement`, `baseline_token_f1`, `baseline_rouge_l`, ... — see `GENERATION_METRICS`), speed (`output_tokens_per_s`, `total_tokens_per_s`,
+`baseline_agreement`, `baseline_token_f1`, `baseline_rouge_l`, ... — see `GENERATION_METRICS`; with a quantized
+`kv_dtype:` the cost of that KV cache vs float KV: `kv_kld_mean`, `kv_kld_p99`, `kv_top1`, `kv_perplexity`),
+speed (`output_tokens_per_s`, `total_tokens_per_s`,
 `requests_per_s`, `cost_per_1k_output_tokens`, `duration_s`, `ttft|tpot|itl|e2el` + `_mean|_p50|_p95|_p99`
 + `_ms`), memory (`weight_bytes`, `kv_bytes_allocated`, `kv_bytes_formula`, `kv_waste_bytes`, `kv_pool_bytes`,
 `kv_peak_tokens`, `kv_preemptions`) and speculative decoding (`acceptance_rate`, `tokens_per_step`).
@@ -44,6 +46,8 @@ GENERATION_METRICS: tuple[str, ...] = (
 METRICS: tuple[str, ...] = (
     # quality
     "perplexity", "kld_mean", "kld_p99", "top1_agreement", *GENERATION_METRICS,
+    # eval --kv-dtype int8|fp8_e4m3|...: that KV vs the model's float KV through llmopt's engine
+    "kv_kld_mean", "kv_kld_p99", "kv_top1", "kv_perplexity",
     # perf (medians over repeats)
     "output_tokens_per_s", "total_tokens_per_s", "requests_per_s", "cost_per_1k_output_tokens", "duration_s",
     *(f"{m}_{s}_ms" for m in _STAT_METRICS for s in _STATS),

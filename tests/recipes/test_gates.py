@@ -74,7 +74,8 @@ def test_metric_names_follow_the_eval_report_schema():
     generation = {m: 0.5 for m in GENERATION_METRICS} | {"detector": "phrases:builtin", "prompts": 48}
     entry = {"model": "m", "quality": {"perplexity": 10.0, "kld_mean": None, "kld_p99": 0.1, "top1_agreement": 0.9,
                                        "tasks": {"cloze": {"acc": 0.5, "acc_stderr": 0.01}, "x": 0.25},
-                                       "generation": generation},
+                                       "generation": generation, "kv_dtype": "int8", "kv_kld_mean": 1e-4,
+                                       "kv_kld_p99": 1e-3, "kv_top1": 0.99, "kv_perplexity": 10.1},
              "perf": {"output_tokens_per_s": 100.0, "total_tokens_per_s": 300.0, "requests_per_s": 2.0,
                       "engine": "llmopt", "cost_per_1k_output_tokens": None, "duration_s": 1.5, "spread": {"x": [1, 2]},
                       **{f"{m}_ms": {"mean": 1.0, "p50": 2.0, "p95": 3.0, "p99": 4.0} for m in ("ttft", "tpot", "itl", "e2el")}},
