@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=None, help="default: llmopt eval's (all cores but one)")
+    ap.add_argument("--threads", type=int, default=None, help="default: llmopt eval's (probed)")
     args = ap.parse_args()
     if args.threads is None:
         from llmopt.utils import default_threads

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,13 +28,42 @@ _DTYPES = {
 }
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _matmul_rate(threads: int, a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    """a @ b per second on `threads` torch threads, timed for about `seconds`."""
+    torch.set_num_threads(threads)
+    for _ in range(3):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+@functools.cache
 def default_threads() -> int:
-    """torch threads for timed runs on the CPU: every core this process may use but one, which the Python thread
-    driving the engine (scheduling, sampling, bookkeeping) and the OS keep. Measured on the 2-core dev machine
-    (`bench/eval_repeatability.py`): with 2 threads the medians of back-to-back evals moved 1166–2192 tok/s, with
-    1 thread 1352–1430 tok/s, at the same typical speed."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    """torch threads when --threads is not given: the faster of 1 thread and every usable core, timed here (about
+    0.6 s, once per process) on a matmul the size of an engine step's MLP ([128, 256] @ [256, 768]), medians of 3
+    interleaved rounds. All cores win on a quiet machine (issue 14, quiet 2-core machine: 2 threads gave the engine
+    1.64× the tok/s of 1); on one whose cores other work keeps busy, threads that wait for a descheduled sibling make
+    every op slower (same machine under a load average of 3.5–5: the engine ran 1,308 tok/s at 1 thread, 346 at 2,
+    and this probe 2,200 vs 90 matmuls/s), and 1 thread wins. Benchmarks pin --threads instead."""
+    cores = usable_cores()
+    if cores == 1:
+        return 1
+    before = torch.get_num_threads()
+    a, b = torch.randn(128, 256), torch.randn(256, 768)
+    try:
+        rounds = [(_matmul_rate(1, a, b, 0.1), _matmul_rate(cores, a, b, 0.1)) for _ in range(3)]
+    finally:
+        torch.set_num_threads(before)
+    one, every = (statistics.median(r) for r in zip(*rounds))
+    return cores if every > one else 1
 
 
 def llmopt_home() -> Path:

@@ -45,8 +45,9 @@ def evaluate(
     max_prefill_tokens: Annotated[int, typer.Option("--max-prefill-tokens", help="Prompt tokens prefilled per "
                                                     "step (lower: better ITL tail, worse TTFT).")] = 1024,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Most requests running at once.")] = 256,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: all "
-                                                       "cores but one, left to the engine's Python thread and the OS).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: the "
+                                                       "faster of 1 and all cores, timed at start: all cores on a "
+                                                       "quiet machine, 1 where other work keeps them busy).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; medians and spread are reported.")] = 3,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="An untimed warm-up run first.")] = True,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Perplexity window (tokens).")] = 512,

@@ -48,7 +48,7 @@ class EvalArgs:
     max_prefill_tokens: int = 1024
     max_num_seqs: int = 256
     kv_dtype: str = "auto"  # how llmopt's engine caches K/V (llmopt.engine.kv_format.KV_DTYPES)
-    threads: int | None = None  # None: llmopt.utils.default_threads() (all cores but one)
+    threads: int | None = None  # None: llmopt.utils.default_threads() (the faster of 1 and all cores, probed)
     repeats: int = 3
     warmup: bool = True
     seq_len: int = 512
