@@ -91,5 +91,6 @@ def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes [..., D], scales [...] → [..., D] in dtype."""
+    """codes [..., D], scales [...] → [..., D] in dtype: the reference the attention's fused gather-dequantize
+    (attention._gather_dequant) must equal."""
     return codes.to(dtype) * scale.to(dtype)[..., None]

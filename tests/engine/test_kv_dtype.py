@@ -43,6 +43,19 @@ def test_quantize_error_is_within_half_a_step(kv):
     assert (back[7, 1] == 0).all()
 
 
+@pytest.mark.parametrize("kv", QUANTIZED)
+@pytest.mark.parametrize("dim", [16, 6, 5])  # gathered as 4-byte, 2-byte and 1-byte words
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_dequant_equals_the_reference(kv, dim, dtype):
+    from llmopt.engine.attention import _gather_dequant
+
+    fmt = resolve_kv_format(kv, dtype)
+    codes, scale = quantize(torch.randn(9, 4, 2, dim), fmt)  # [N, bs, Hkv, D], [N, bs, Hkv]
+    tables = torch.tensor([[3, 0, 8], [1, 1, 5]])  # [B, nb]
+    want = dequantize(codes[tables], scale[tables], dtype).view(2, 12, 2, dim).transpose(1, 2)  # [B, Hkv, S, D]
+    assert torch.equal(_gather_dequant(codes, scale, tables, dtype), want)
+
+
 @pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", *QUANTIZED])
 def test_greedy_tokens_and_teacher_forced_kld_vs_float64(kv, llama64, prompts, reference):
     ps = prompts(LENGTHS)
