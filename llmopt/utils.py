@@ -185,10 +185,10 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(e):
             free = shutil.disk_usage(out.parent).free
+            # the output needs more than the space that is free there once its partial files are gone
             raise LlmoptError(f"no space left on the device holding {out.parent} while writing {out}: it needs more "
-                              f"than the {written / 2 ** 20:,.1f} MiB written before the disk filled "
-                              f"({free / 2 ** 20:,.1f} MiB free now that they are removed): free space or choose "
-                              f"another --out") from None
+                              f"than the {free / 2 ** 20:,.1f} MiB free there ({written / 2 ** 20:,.1f} MiB had been "
+                              f"written, now removed): free space or choose another --out") from None
         raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
