@@ -4,7 +4,9 @@ A random Llama of builtin:tiny's shape (4 layers, 8 heads / 2 kv heads of dim 32
 context, so decode can run at 2,048+ tokens of history without a trained long-context model (speed does not depend
 on the weights). B sequences are prefilled to CONTEXT tokens, then every format decodes the same STEPS greedy
 steps; the timed part is the decode steps only, medians over REPEATS runs, formats interleaved so drift of a shared
-machine hits all alike. Greedy tokens of each format are compared with float32 KV's.
+machine hits all alike. Greedy tokens of each format are compared with float32 KV's. The row `float32 pool[tables]`
+is float32 KV read by the previous gather (advanced indexing, swapped in for that run only), beside today's
+index_select gather.
 
     python bench/kv_cache.py [--batch 16] [--context 2048] [--steps 16] [--repeats 3] [--threads 1]
 """
@@ -15,9 +17,13 @@ import argparse
 import statistics
 import time
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from llmopt.engine import EngineConfig, LLMEngine, SamplingParams
+from llmopt.engine import attention
 from llmopt.engine.kv_format import fp8_dtype
 
 
@@ -28,6 +34,20 @@ def make_model(context: int):
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=context)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+LEGACY = "float32 pool[tables]"
+
+
+@contextlib.contextmanager
+def legacy_gather() -> Iterator[None]:
+    """The engine's gather before index_select: pool[tables] (advanced indexing)."""
+    saved = attention._blocks
+    attention._blocks = lambda pool, tables: pool[tables]  # [B, nb, bs, ...]
+    try:
+        yield
+    finally:
+        attention._blocks = saved
 
 
 def decode_run(model, prompts: list[list[int]], steps: int, kv_dtype: str) -> tuple[float, list[list[int]], int]:
@@ -64,7 +84,7 @@ def main() -> int:
     model = make_model(max(4096, args.context + args.steps + 1))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, 1024, (args.context,), generator=g).tolist() for _ in range(args.batch)]
-    formats = ["float32", "bfloat16", "int8"] + (["fp8_e4m3"] if fp8_dtype() is not None else [])
+    formats = [LEGACY, "float32", "bfloat16", "int8"] + (["fp8_e4m3"] if fp8_dtype() is not None else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {args.batch} × {args.context} "
           f"tokens of context, {args.steps} decode steps, median of {args.repeats}")
     rates: dict[str, list[float]] = {f: [] for f in formats}
@@ -72,15 +92,16 @@ def main() -> int:
     with torch.inference_mode():
         for _ in range(args.repeats):
             for f in formats:
-                r, outs[f], kv[f] = decode_run(model, prompts, args.steps, f)
+                with legacy_gather() if f == LEGACY else contextlib.nullcontext():
+                    r, outs[f], kv[f] = decode_run(model, prompts, args.steps, "float32" if f == LEGACY else f)
                 rates[f].append(r)
     base = statistics.median(rates["float32"])
-    print(f"{'kv dtype':10} {'decode tok/s':>12} {'vs float32':>10} {'KV bytes':>12} {'vs float32':>10} "
+    print(f"{'kv dtype':20} {'decode tok/s':>12} {'vs float32':>10} {'KV bytes':>12} {'vs float32':>10} "
           f"{'tokens = float32':>16}")
     for f in formats:
         m = statistics.median(rates[f])
         same = sum(a == b for x, y in zip(outs[f], outs["float32"]) for a, b in zip(x, y))
-        print(f"{f:10} {m:12.1f} {m / base:10.2f} {kv[f]:12,} {kv[f] / kv['float32']:10.3f} "
+        print(f"{f:20} {m:12.1f} {m / base:10.2f} {kv[f]:12,} {kv[f] / kv['float32']:10.3f} "
               f"{same / sum(map(len, outs['float32'])):16.3f}")
     return 0
 

@@ -122,7 +122,7 @@ class PagedKVCache:
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A 1-byte tensor's storage as uint8 (same shape), for copies torch lacks for its dtype."""
+    """A 1-byte tensor's storage as uint8 (same shape), for copies torch lacks for its dtype (float8 on the CPU)."""
     return t.view(torch.uint8) if t.dtype != torch.int8 else t
 
 
@@ -173,10 +173,20 @@ def step_context(ctx: StepContext | AttentionProbe) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+def _blocks(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Whole blocks of pool [N, bs, ...] picked by tables [B, nb] → [B, nb, bs, ...], one copy. index_select over
+    flat block rows, not pool[tables]: at B 16 × 2,048 tokens (1 thread) it copies float32 K in 0.64 ms instead of
+    0.93, int8 codes in 0.17 ms instead of 1.21. float8 has no CPU index_select: its bytes are copied."""
+    b, nb = tables.shape
+    src = _bytes(pool) if pool.element_size() == 1 else pool
+    picked = torch.index_select(src.view(pool.shape[0], -1), 0, tables.reshape(-1))  # [B·nb, bs·...]
+    return picked.view(b, nb, *pool.shape[1:]).view(pool.dtype)
+
+
 def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """Blocks of pool [N, bs, Hkv, D] picked by tables [B, nb] → [B, Hkv, nb*bs, D] (one copy, no GQA repeat)."""
     b, nb = tables.shape
-    blocks = pool[tables]  # [B, nb, bs, Hkv, D]
+    blocks = _blocks(pool, tables)  # [B, nb, bs, Hkv, D]
     return blocks.view(b, nb * pool.shape[1], pool.shape[2], pool.shape[3]).transpose(1, 2)
 
 
@@ -185,18 +195,11 @@ def _gather_dequant(codes: torch.Tensor, scales: torch.Tensor, tables: torch.Ten
     """Blocks of codes [N, bs, Hkv, D] and scales [N, bs, Hkv] picked by tables [B, nb], dequantized to dtype
     → [B, Hkv, nb*bs, D]: only the blocks this step reads are converted, never the whole pool."""
     b, nb = tables.shape
-    picked = _words(codes)[tables].view(codes.dtype)  # [B, nb, bs, Hkv, D]
+    picked = _blocks(codes, tables)  # [B, nb, bs, Hkv, D]
     x = torch.empty(picked.shape, dtype=dtype, device=codes.device)
     x.copy_(picked)  # one conversion pass, then an in-place scale: 2.2× faster than codes.to(dtype) * scales
-    x.mul_(scales[tables].to(dtype).unsqueeze(-1))  # [B, nb, bs, Hkv, 1] broadcast over D
+    x.mul_(_blocks(scales, tables).to(dtype).unsqueeze(-1))  # [B, nb, bs, Hkv, 1] broadcast over D
     return x.view(b, nb * codes.shape[1], codes.shape[2], codes.shape[3]).transpose(1, 2)
-
-
-def _words(codes: torch.Tensor) -> torch.Tensor:
-    """1-byte codes [..., D] viewed as 4- (or 2-) byte words [..., D/4]: advanced indexing copies wide elements
-    ~4.6× faster than bytes (B 16 × 2,048 tokens, 1 thread: 0.26 vs 1.21 ms), and the bytes are the same."""
-    d = codes.shape[-1]
-    return codes.view(torch.int32) if d % 4 == 0 else codes.view(torch.int16) if d % 2 == 0 else codes
 
 
 def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
