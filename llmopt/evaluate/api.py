@@ -135,9 +135,10 @@ class EvalArgs:
 
     def generation_settings(self):
         from llmopt.evaluate.generation import GenerationSettings
+        from llmopt.evaluate.perf import Sampling
 
-        return GenerationSettings(self.gen_tokens, self.samples_per_prompt, self.temperature, self.top_k, self.top_p,
-                                  self.seed)
+        return GenerationSettings(self.gen_tokens, self.samples_per_prompt,
+                                  Sampling(self.temperature, self.top_k, self.top_p, self.seed))
 
     def workload_spec(self):
         from llmopt.evaluate.workload import WorkloadSpec, parse_range

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from llmopt.engine import EngineConfig, LLMEngine, SamplingParams
 from llmopt.engine.block_manager import blocks_for
 from llmopt.errors import LlmoptError
+from llmopt.evaluate.perf import Sampling
 from llmopt.evaluate.prompts import PromptSet
 from llmopt.evaluate.refusal import RefusalDetector
 from llmopt.evaluate.text_metrics import (Flip, GenerationSummary, Scored, answer_contains, answer_exact,
@@ -33,22 +34,20 @@ TextGenerator = Callable[[list[str], list[SamplingParams]], list[Generated]]
 class GenerationSettings:
     gen_tokens: int = 64
     samples_per_prompt: int = 1
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
+    sampling: Sampling = Sampling()  # the eval's --temperature/--top-k/--top-p/--seed, as the workload uses them
 
     def __post_init__(self) -> None:
         if self.gen_tokens < 1:
             raise LlmoptError(f"--gen-tokens must be ≥ 1 (got {self.gen_tokens})")
         if self.samples_per_prompt < 1:
             raise LlmoptError(f"--samples-per-prompt must be ≥ 1 (got {self.samples_per_prompt})")
-        if self.samples_per_prompt > 1 and self.temperature == 0:
+        if self.samples_per_prompt > 1 and self.sampling.temperature == 0:
             raise LlmoptError("--samples-per-prompt > 1 needs --temperature > 0: greedy samples are all the same")
 
     def params(self, prompt_index: int, sample: int) -> SamplingParams:
-        seed = self.seed + prompt_index * self.samples_per_prompt + sample
-        return SamplingParams(self.gen_tokens, self.temperature, self.top_k, self.top_p, seed)
+        s = self.sampling
+        seed = s.seed + prompt_index * self.samples_per_prompt + sample
+        return SamplingParams(self.gen_tokens, s.temperature, s.top_k, s.top_p, seed)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from llmopt.cli.main import app
 from llmopt.errors import LlmoptError
 from llmopt.evaluate.generation import Generated, GenerationSettings, generate_and_score, report
+from llmopt.evaluate.perf import Sampling
 from llmopt.evaluate.prompts import CATEGORIES, PromptItem, PromptSet, load_prompts
 from llmopt.evaluate.refusal import DEFAULT_PATTERNS, JudgeDetector, PhraseDetector
 from llmopt.evaluate.text_metrics import answer_contains
@@ -50,7 +51,7 @@ def test_drift_and_flips_on_a_stub_engine():
 
 
 def test_samples_are_seeded_the_same_for_every_model():
-    settings = GenerationSettings(gen_tokens=4, samples_per_prompt=3, temperature=0.8, seed=10)
+    settings = GenerationSettings(gen_tokens=4, samples_per_prompt=3, sampling=Sampling(temperature=0.8, seed=10))
     a, b = StubEngine(BASE), StubEngine(MODEL)
     gens = generate_and_score(SET, a, PhraseDetector(), settings)
     generate_and_score(SET, b, PhraseDetector(), settings)
