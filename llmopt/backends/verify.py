@@ -6,6 +6,8 @@ distributions (float64), top-1 agreement over all positions and over the decided
 logits at least --tie-margin apart: two correct loaders that both run bf16 activations flip near-ties, ~1-3% of
 positions on builtin:tiny, while a misread weight moves logits by whole units). A loader fails the check when
 mean KL exceeds --kld-tol or decided top-1 agreement falls below --min-top1; any failure → CheckFailed (exit 1).
+A checkpoint whose kv_cache_scheme declares static (calibrated) KV scales fails first, before any loader runs,
+when its k_scale/v_scale tensors are missing or all exactly 1.0 (vLLM's silent default).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class VerifyResult:
     kld_tol: float = 1e-3
     min_top1: float = 0.99
     tie_margin: float = 0.25
+    kv_scales: dict | None = None  # calibrated KV scales found (layers, kind, max k/v scale); None: no static scheme
 
     @property
     def passed(self) -> bool:
@@ -213,6 +216,9 @@ def verify(args: VerifyArgs, progress: Callable[[str], None] | None = None) -> V
         raise LlmoptError(f"{path} is not a quantized checkpoint (no quantization_config in config.json): "
                           f"verify checks checkpoints written by llmopt quantize")
     fmt = quant_method(config)
+    from llmopt.quant.kv_scales import check_checkpoint
+
+    kv_summary = check_checkpoint(path, config)  # CheckFailed: calibrated kv_cache_scheme, scales missing or all 1.0
     loaders = args.loaders
     if loaders is None:  # every installed loader that reads this format
         loaders = [name for name in LOADERS if fmt in _READS[name] and _installed(name, args.backend_python) is None]
@@ -234,7 +240,7 @@ def verify(args: VerifyArgs, progress: Callable[[str], None] | None = None) -> V
     say("llmopt runtime")
     ref, ref_how = _reference_logits(path, prompts, device)
     result = VerifyResult(str(path), fmt, ref_how, args.prompts, args.prompt_len, kld_tol=args.kld_tol,
-                          min_top1=args.min_top1, tie_margin=args.tie_margin)
+                          min_top1=args.min_top1, tie_margin=args.tie_margin, kv_scales=kv_summary)
     for name in loaders:
         say(name)
         t = time.perf_counter()

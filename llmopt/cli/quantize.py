@@ -65,6 +65,10 @@ def quantize(
     = "llmopt",
     backend_python: Annotated[str | None, typer.Option("--backend-python", help="Python of the backend's venv.")]
     = None,
+    kv_cache: Annotated[str | None, typer.Option(
+        "--kv-cache", help="Also calibrate static per-layer K/V cache scales (fp8 or int8: amax/448 or amax/127 "
+                           "over the calibration windows), written as compressed-tensors kv_cache_scheme + "
+                           "self_attn.k_scale/v_scale, where vLLM reads them.")] = None,
     json_out: Json = False,
 ) -> None:
     """Quantize a causal LM (RTN, INT8, W8A8 SmoothQuant, GPTQ, AWQ) and write a checkpoint others can serve."""
@@ -79,7 +83,7 @@ def quantize(
         awq_grid=awq_grid, awq_clip=awq_clip, targets=targets or ["Linear"], ignore=ignore or [], evaluate=evaluate,
         eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device, dtype=dtype,
         calib_dtype=calib_dtype, trust_remote_code=trust_remote_code, revision=revision, seed=seed,
-        overwrite=overwrite, backend=backend, backend_python=backend_python)
+        overwrite=overwrite, backend=backend, backend_python=backend_python, kv_cache=kv_cache)
     result = run_quantize(args, progress=not json_out)
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmopt.engine.kv_format import SCALE_DTYPE, KVFormat, quantize
+from llmopt.engine.kv_format import SCALE_DTYPE, KVFormat, quantize, quantize_static
 
 ATTN_NAME = "llmopt_paged"
 
@@ -77,10 +77,13 @@ class PagedKVCache:
     fmt: KVFormat
     k_scale: list[torch.Tensor] = field(default_factory=list)  # empty when fmt is not quantized
     v_scale: list[torch.Tensor] = field(default_factory=list)
+    # calibrated (k, v) scale per layer (a checkpoint's k_scale/v_scale, in this fmt's code range): new tokens are
+    # quantized against them instead of their own amax; None = dynamic per-(token, head) scales
+    static: list[tuple[float, float]] | None = None
 
     @classmethod
     def allocate(cls, specs: list[LayerSpec], num_blocks: int, block_size: int, fmt: KVFormat,
-                 device: torch.device) -> "PagedKVCache":
+                 device: torch.device, static: list[tuple[float, float]] | None = None) -> "PagedKVCache":
         def pool(*shape: int, dtype: torch.dtype = fmt.dtype) -> torch.Tensor:
             return torch.zeros((num_blocks, block_size, *shape), dtype=dtype, device=device)
 
@@ -89,7 +92,7 @@ class PagedKVCache:
         if not fmt.scaled:
             return cls(k, v, block_size, fmt)
         return cls(k, v, block_size, fmt, [pool(s.kv_heads, dtype=SCALE_DTYPE) for s in specs],
-                   [pool(s.kv_heads, dtype=SCALE_DTYPE) for s in specs])
+                   [pool(s.kv_heads, dtype=SCALE_DTYPE) for s in specs], static)
 
     @property
     def bytes_per_block(self) -> int:
@@ -102,13 +105,14 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the step's new key [T, Hkv, Dk] and value [T, Hkv, Dv] at flat slots [T]."""
-        for pools, scales, x in ((self.k, self.k_scale, key), (self.v, self.v_scale, value)):
+        for j, (pools, scales, x) in enumerate(((self.k, self.k_scale, key), (self.v, self.v_scale, value))):
             pool = pools[layer]
             flat = pool.view(-1, *pool.shape[2:])  # [N·bs, Hkv, D]
             if not self.fmt.scaled:
                 flat.index_copy_(0, slots, x.to(pool.dtype))
                 continue
-            codes, scale = quantize(x, self.fmt)  # [T, Hkv, D], [T, Hkv]
+            codes, scale = quantize(x, self.fmt) if self.static is None \
+                else quantize_static(x, self.static[layer][j], self.fmt)  # [T, Hkv, D], [T, Hkv]
             # index_copy_ has no float8 kernel on the CPU: copy the code bytes
             _bytes(flat).index_copy_(0, slots, _bytes(codes))
             scales[layer].view(-1, pool.shape[2]).index_copy_(0, slots, scale)

@@ -70,6 +70,9 @@ class KVStats:
     waste_bytes: int  # allocated − formula: the unused tails of blocks
     preemptions: int
     kv_dtype: str  # the resolved storage (auto → the model's dtype name)
+    # which scales int8/fp8 codes use: "dynamic per (token, kv head)", "static per layer (checkpoint k_scale/
+    # v_scale, <kind>-calibrated)", or "none" for a float cache
+    kv_scales: str = "none"
 
 
 class LLMEngine:
@@ -91,7 +94,8 @@ class LLMEngine:
         if config.max_blocks is not None:
             num_blocks = max(1, min(num_blocks, config.max_blocks))
         self.blocks = BlockManager(num_blocks, config.block_size, common_window(self.specs))
-        self.cache = PagedKVCache.allocate(self.specs, num_blocks, config.block_size, self.kv_format, device)
+        static = self._static_kv_scales(model)
+        self.cache = PagedKVCache.allocate(self.specs, num_blocks, config.block_size, self.kv_format, device, static)
         self.runner = ModelRunner(model, self.specs, self.cache, self.blocks)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens))
         self.max_context = max_context(model)
@@ -99,6 +103,19 @@ class LLMEngine:
         self.speculator = None  # set by speculative.attach_draft
         self.routed_models = [model]  # models whose attention goes through the paged function while running
         self.t0: float | None = None
+
+    def _static_kv_scales(self, model) -> list[tuple[float, float]] | None:
+        """A checkpoint's calibrated per-layer K/V scales (model.kv_cache_scales, set by the quantized runtime) in
+        this cache's code range when --kv-dtype is int8/fp8; None (dynamic per-token scales) otherwise."""
+        table = getattr(model, "kv_cache_scales", None)
+        self.kv_scales_used = "dynamic per (token, kv head)" if self.kv_format.scaled else "none"
+        if table is None or not self.kv_format.scaled:
+            return None
+        if len(table.k) != len(self.specs):
+            raise LlmoptError(f"the checkpoint's KV scales cover {len(table.k)} layers, the model has "
+                              f"{len(self.specs)}")
+        self.kv_scales_used = f"static per layer (checkpoint k_scale/v_scale, {table.kind}-calibrated)"
+        return table.for_qmax(self.kv_format.qmax)
 
     def now(self) -> float:
         return self.clock() - (self.t0 if self.t0 is not None else self.clock())
@@ -206,7 +223,7 @@ class LLMEngine:
         formula = st.peak_tokens * self.kv_bytes_per_token
         return KVStats(st.block_size, st.num_blocks, self.cache.total_bytes, st.peak_blocks, st.peak_tokens,
                        st.peak_blocks * per_block, formula, st.peak_blocks * per_block - formula,
-                       self.scheduler.num_preemptions, self.kv_format.name)
+                       self.scheduler.num_preemptions, self.kv_format.name, self.kv_scales_used)
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -90,6 +90,17 @@ def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor
     return codes, scale
 
 
+def quantize_static(x: torch.Tensor, scale: float, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] → codes against one calibrated scale (a layer's checkpoint k_scale / v_scale, vLLM's static
+    per-tensor semantics: values beyond the calibrated amax are clamped to ±qmax) and that scale broadcast to
+    [...] float16, so the scale pools and the dequantizing read stay the same as for dynamic scales."""
+    assert fmt.qmax is not None
+    s = torch.tensor(scale, dtype=SCALE_DTYPE, device=x.device).clamp_min(_SCALE_MIN)
+    y = (x.float() / s.float()).clamp(-fmt.qmax, fmt.qmax)
+    codes = y.round().to(torch.int8) if fmt.dtype == torch.int8 else y.to(fmt.dtype)
+    return codes, s.expand(x.shape[:-1]).contiguous()
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """codes [..., D], scales [...] → [..., D] in dtype: the reference the attention's fused gather-dequantize
     (attention._gather_dequant) must equal."""

@@ -64,6 +64,7 @@ class QuantizeArgs:
     overwrite: bool = False
     backend: str = "llmopt"
     backend_python: str | None = None
+    kv_cache: str | None = None  # fp8 | int8: calibrate per-layer K/V scales (quant/kv_scales.py)
 
     def __post_init__(self) -> None:
         if self.out is None:
@@ -100,6 +101,11 @@ class QuantizeArgs:
                     re.compile(pat[3:])
                 except re.error as e:
                     raise LlmoptError(f"bad regular expression in {pat!r}: {e}") from None
+        from llmopt.quant.kv_scales import check_kind
+
+        check_kind(self.kv_cache, self.format)
+        if self.kv_cache is not None and self.backend != "llmopt":
+            raise LlmoptError(f"--kv-cache is calibrated by llmopt's own pipeline: drop --backend {self.backend}")
         self.quant_args()  # validates the per-Linear settings too
 
     def quant_args(self) -> QuantArgs:
@@ -259,6 +265,13 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
                                       args.seed, "test")
     timings["data"] = time.perf_counter() - t
 
+    kv_scales = None
+    if args.kv_cache is not None:  # the float model, before any weight is quantized
+        from llmopt.quant import kv_scales as kvs
+
+        t = time.perf_counter()
+        kv_scales = kvs.calibrate(model, calib.input_ids, args.kv_cache)
+        timings["kv_calibrate"] = time.perf_counter() - t
     callback, bar = _progress_bar(args.method, progress)
     with bar:
         result = quantize_model(model, calib.input_ids, args.method, qargs, is_target, device, callback,
@@ -273,7 +286,8 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
                    "seed": calib.seed, "sha256": calib.sha256}
     with atomic_dir(args.out, args.overwrite) as tmp:
         t = time.perf_counter()
-        formats.write_checkpoint(args.format, model, result.qweights, tmp, qargs, args.method, ignored)
+        formats.write_checkpoint(args.format, model, result.qweights, tmp, qargs, args.method, ignored,
+                                 kv_scales=kv_scales)
         tokenizer.save_pretrained(tmp)
         timings["write"] = time.perf_counter() - t
         metrics: dict = {"size_bytes": _dir_bytes(tmp), "float_size_bytes": _dir_bytes(loaded.path)}
@@ -300,6 +314,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
             "evaluated_with": evaluated_with, "quantized_modules": len(names), "ignored_modules": ignored,
             "moe": moe_info, "parameters_by_kind": parameters, "conv1d_as_linear": converted,
             "scale_migration": _scale_summary(model, args.method),
+            "kv_cache": None if kv_scales is None else kv_scales.to_dict(),
         })
     return res
 

@@ -23,7 +23,8 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
     """A transformers causal LM built from `config`, with llmopt runtime modules for the quantized Linears.
 
     `config` is the checkpoint's transformers config (carrying quantization_config); `dtype` is the dtype of
-    activations and of the unquantized tensors.
+    activations and of the unquantized tensors. Calibrated KV scales (kv_cache_scheme + k_scale/v_scale) become
+    `model.kv_cache_scales` (quant/kv_scales.KVScales, None without them).
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -53,6 +54,9 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
         key = f"{name}.weight"
         if key in others:
             others[key] = others[key].t()
+    from llmopt.quant import kv_scales as kvs
+
+    kv_table = kvs.pop(model, config, others)  # {attention}.k_scale / .v_scale → per-layer table (or None)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in others.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
@@ -63,6 +67,7 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
         raise LlmoptError(f"{path}: the checkpoint lacks {still_empty[0]} (and {len(still_empty) - 1} more tensors)")
     model.to(device)
     model.config = config
+    model.kv_cache_scales = kv_table  # the engine's --kv-dtype int8/fp8 uses them as static per-layer scales
     model.eval()
     return model
 

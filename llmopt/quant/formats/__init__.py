@@ -30,7 +30,7 @@ def check_supported(fmt: str, method: str, quant_args: QuantArgs) -> None:
 
 
 def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, QuantizedWeight], out: Path,
-                     quant_args: QuantArgs, method: str, ignore: list[str]) -> None:
+                     quant_args: QuantArgs, method: str, ignore: list[str], kv_scales=None) -> None:
     """Write config.json (with quantization_config) and safetensors weights into the existing dir `out`.
 
     Quantized Linears are stored in the format's layout; every other tensor of `model` as it is.
@@ -38,6 +38,8 @@ def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, Quant
     Linears that stayed float, derived from `model` and `qweights`, which every loader matches unambiguously.
     Names are the family's hub names: MoE experts per expert as transformers' save_pretrained writes them, and
     the routers listed among the float modules.
+    `kv_scales` (quant/kv_scales.KVScales, compressed-tensors only): calibrated per-layer K/V scales, written as
+    quantization_config.kv_cache_scheme plus {attention}.k_scale / .v_scale scalars, where vLLM reads them.
     """
     module = _format(fmt)
     module.check_supported(method, quant_args)
@@ -65,6 +67,13 @@ def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, Quant
         qc = module.quantization_config(qweights, unquantized, quant_args, method)
     else:
         qc = module.quantization_config(qweights, unquantized)
+    if kv_scales is not None:
+        from llmopt.quant import kv_scales as kvs
+
+        if fmt != "compressed-tensors":
+            raise LlmoptError(f"calibrated KV scales are written only in compressed-tensors checkpoints, not {fmt}")
+        qc["kv_cache_scheme"] = kvs.scheme(kv_scales.kind)
+        tensors.update(kvs.tensors(kv_scales, hub))
     _io.save_tensors(tensors, out)
     config = _io.model_config_dict(model, qc)
     if "lm_head" in qweights:  # a quantized head can no longer share the embedding's tensor
