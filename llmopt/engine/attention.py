@@ -21,6 +21,11 @@ written; a step dequantizes only the blocks it gathers, into the query's dtype. 
 own unstored K/V (as vLLM's prefill does); every query that reads the cache (decode, later chunks, verification)
 sees the stored values.
 
+A checkpoint with calibrated KV scales (`llmopt quantize --kv-cache`, model.kv_cache_scales) gives the cache one
+static K and one static V scale per layer (`PagedKVCache.static`): new tokens are coded against those (values past
+the calibrated amax clamp to ±qmax, vLLM's semantics) instead of their own amax; the scale pools then hold that
+constant, so the read path and the bytes per token are the same as with dynamic scales.
+
 The step context reaches this function through a ContextVar set by the runner around its forward
 (`step_context`), not a forward kwarg: some HF decoder layers (StableLM) do not pass extra kwargs down
 to their attention module.

@@ -270,7 +270,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         from llmopt.quant import kv_scales as kvs
 
         t = time.perf_counter()
-        kv_scales = kvs.calibrate(model, calib.input_ids, args.kv_cache)
+        kv_scales = kvs.calibrate(model, calib.input_ids, args.kv_cache, device)
         timings["kv_calibrate"] = time.perf_counter() - t
     callback, bar = _progress_bar(args.method, progress)
     with bar:

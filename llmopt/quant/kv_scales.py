@@ -17,6 +17,7 @@ BaseKVCacheMethod read it):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 from collections.abc import Iterator
@@ -113,13 +114,29 @@ def _observing(model: torch.nn.Module, amax: dict[int, list[float]]) -> Iterator
 
 
 @torch.inference_mode()
-def calibrate(model: torch.nn.Module, input_ids: torch.Tensor, kind: str, batch: int = 8) -> KVScales:
-    """Per-layer K/V scales over the calibration windows input_ids [N, L] (the float model, its own device)."""
-    device = model.get_input_embeddings().weight.device
+def calibrate(model: torch.nn.Module, input_ids: torch.Tensor, kind: str, device: torch.device | str | None = None,
+              batch: int = 8) -> KVScales:
+    """Per-layer K/V scales over the calibration windows input_ids [N, L]: the float model's forwards, one decoder
+    layer at a time on `device` (as the quantize pipeline walks it; None = where the model is), each layer's float
+    outputs feeding the next."""
+    from llmopt.quant.pipeline import _layer_out, capture_inputs, decoder_layers
+
+    device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     amax: dict[int, list[float]] = {}
+    decoder, layers, _ = decoder_layers(model)
+    first = {id(c): next(itertools.chain(c.parameters(), c.buffers()), None) for c in decoder.children()
+             if c is not layers}
+    home = {k: (t.device if t is not None else None) for k, t in first.items()}
     with _observing(model, amax):
-        for i in range(0, input_ids.shape[0], batch):
-            model(input_ids=input_ids[i:i + batch].to(device), use_cache=False)
+        batches = capture_inputs(model, input_ids, batch, device)
+        for layer in layers:
+            at = next(layer.parameters()).device
+            layer.to(device)
+            batches = [(_layer_out(layer(h, **kw)), kw) for h, kw in batches]
+            layer.to(at)
+    for child in decoder.children():  # capture_inputs moved embeddings / rotary / norm to the device
+        if child is not layers and home.get(id(child)) is not None:
+            child.to(home[id(child)])
     modules = attention_modules(model)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = int(cfg.num_hidden_layers)

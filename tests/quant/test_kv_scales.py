@@ -165,3 +165,15 @@ def test_int8_kind_scales_over_127(tiny_llama_random_dir, tmp_path):
     for a, b in zip(f8.k + f8.v, i8.k + i8.v):
         assert a * QMAX["fp8"] == pytest.approx(b * QMAX["int8"], rel=1e-6)
     assert i8.for_qmax(448.0)[0][0] == pytest.approx(f8.k[0], rel=1e-6)
+
+
+def test_static_codes_clamp_past_the_calibrated_amax():
+    from llmopt.engine.kv_format import dequantize, quantize_static, resolve_kv_format
+
+    fmt = resolve_kv_format("int8", torch.float32)
+    x = torch.tensor([[[0.5, -1.0, 2.0, -3.0]]])  # [T, Hkv, D]; calibrated amax 2.0 → scale 2/127
+    codes, scale = quantize_static(x, 2.0 / 127, fmt)
+    assert scale.shape == (1, 1) and codes.dtype == torch.int8
+    back = dequantize(codes, scale, torch.float32)
+    assert back[0, 0, :3].sub(x[0, 0, :3]).abs().max() <= 2.0 / 127 * 0.51
+    assert back[0, 0, 3] == pytest.approx(-2.0, rel=1e-3)  # past amax: clamped to -qmax · scale
