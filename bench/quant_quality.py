@@ -112,7 +112,7 @@ def main() -> None:
                   f"{m['quantized']['kld_mean']:.3e}", f"{m['quantized']['kld_mean'] / ref:.3f}" if ref else "—",
                   f"{m['quantized']['top1_agreement']:.3f}", f"{m['size_bytes'] / m['float_size_bytes']:.2f}×",
                   f"{r.timings['quantize']:.1f}", r.evaluated_with or "—")
-    Console().print(t)
+    Console(width=200).print(t)  # whole rows in logs and pipes too
     checks = []
     for mn in args.models.split(","):
         def k(label, _mn=mn):
