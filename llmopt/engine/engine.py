@@ -114,7 +114,8 @@ class LLMEngine:
         if len(table.k) != len(self.specs):
             raise LlmoptError(f"the checkpoint's KV scales cover {len(table.k)} layers, the model has "
                               f"{len(self.specs)}")
-        self.kv_scales_used = f"static per layer (checkpoint k_scale/v_scale, {table.kind}-calibrated)"
+        note = f"; {table.note}" if table.note else ""
+        self.kv_scales_used = f"static per layer (checkpoint k_scale/v_scale, {table.kind}-calibrated{note})"
         return table.for_qmax(self.kv_format.qmax)
 
     def now(self) -> float:

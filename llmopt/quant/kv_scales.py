@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ class KVScales:
     k: list[float]
     v: list[float]
     modules: list[str]  # the attention module name of each layer (where the tensors live)
+    note: str = ""  # how a checkpoint's scales were adapted (per-head scales reduced to their per-layer max)
 
     def amax(self) -> tuple[list[float], list[float]]:
         q = QMAX[self.kind]
@@ -164,9 +164,12 @@ def pop(model: torch.nn.Module, config, state: dict[str, torch.Tensor]) -> KVSca
     """Remove every {module}.k_scale / .v_scale tensor from `state` and return them as a per-layer table for
     `model` (None when the checkpoint has neither a kv_cache_scheme nor scale tensors)."""
     found: dict[str, dict[str, float]] = {}
+    per_head = False
     for key in [k for k in state if _SCALE_RE.match(k)]:
         m = _SCALE_RE.match(key)
-        found.setdefault(m["module"], {})[m["which"]] = float(state.pop(key).float().reshape(-1)[0])
+        t = state.pop(key).float().reshape(-1)  # [] / [1] per tensor, [Hkv] per head (strategy attn_head)
+        per_head |= t.numel() > 1
+        found.setdefault(m["module"], {})[m["which"]] = float(t.max())
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
     kv_scheme = (qc or {}).get("kv_cache_scheme")
@@ -189,7 +192,8 @@ def pop(model: torch.nn.Module, config, state: dict[str, torch.Tensor]) -> KVSca
     unknown = sorted(set(found) - set(names))
     if unknown:
         raise LlmoptError(f"k_scale/v_scale tensors for {unknown[0]}, which is not an attention module of the model")
-    return KVScales(kind_of(kv_scheme), k, v, names)
+    note = "per-head checkpoint scales used as their per-layer max" if per_head else ""
+    return KVScales(kind_of(kv_scheme), k, v, names, note)
 
 
 def _scale_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -214,10 +218,10 @@ def check_checkpoint(path: Path, config: dict) -> dict | None:
     text = config.get("text_config") or config
     layers = int(text.get("num_hidden_layers") or config.get("num_hidden_layers") or 0)
     found = _scale_tensors(path)
-    per_layer: dict[str, dict[str, float]] = {}
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in found.items():
         m = _SCALE_RE.match(key)
-        per_layer.setdefault(m["module"], {})[m["which"]] = float(t.float().reshape(-1)[0])
+        per_layer.setdefault(m["module"], {})[m["which"]] = t.float().reshape(-1)  # [1] per tensor, [Hkv] per head
     ks = [d["k"] for d in per_layer.values() if "k" in d]
     vs = [d["v"] for d in per_layer.values() if "v" in d]
     if not ks or not vs:
@@ -226,12 +230,14 @@ def check_checkpoint(path: Path, config: dict) -> dict | None:
     if len(ks) < layers or len(vs) < layers:
         raise CheckFailed(f"{path}: kv_cache_scheme says calibrated KV scales but only {min(len(ks), len(vs))} of "
                           f"{layers} layers have k_scale and v_scale (vLLM would use 1.0 for the rest)")
-    bad = [s for s in ks + vs if not math.isfinite(s) or s <= 0]
-    if bad:
-        raise CheckFailed(f"{path}: KV scales must be positive and finite, found {bad[0]}")
-    if all(s == 1.0 for s in ks + vs):
+    every = torch.cat(ks + vs)
+    bad = every[~torch.isfinite(every) | (every <= 0)]
+    if bad.numel():
+        raise CheckFailed(f"{path}: KV scales must be positive and finite, found {bad[0].item()}")
+    if bool((every == 1.0).all()):
         raise CheckFailed(f"{path}: every k_scale/v_scale is exactly 1.0 — vLLM's default for missing scales, "
                           f"not a calibration: re-run llmopt quantize --kv-cache")
+    ks, vs = [float(t.max()) for t in ks], [float(t.max()) for t in vs]
     return {"layers": len(per_layer), "kind": kind_of(kv_scheme), "k_scale_max": max(ks), "v_scale_max": max(vs)}
 
 

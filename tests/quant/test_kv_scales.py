@@ -177,3 +177,23 @@ def test_static_codes_clamp_past_the_calibrated_amax():
     back = dequantize(codes, scale, torch.float32)
     assert back[0, 0, :3].sub(x[0, 0, :3]).abs().max() <= 2.0 / 127 * 0.51
     assert back[0, 0, 3] == pytest.approx(-2.0, rel=1e-3)  # past amax: clamped to -qmax · scale
+
+
+def test_per_head_scales_load_as_their_max_and_bad_scales_fail_verify(kv_ckpt, tmp_path):
+    from llmopt.errors import CheckFailed
+    from llmopt.models import ModelSpec, load_model
+    from llmopt.quant.kv_scales import check_checkpoint
+
+    def per_head(t):  # strategy attn_head: one scale per kv head (2 here)
+        return {k: (torch.stack([v * 0.5, v]) if k.endswith(("k_scale", "v_scale")) else v) for k, v in t.items()}
+
+    path = _rewrite(kv_ckpt, tmp_path / "heads", per_head)
+    table = load_model(ModelSpec(str(path), "cpu", "float32")).model.kv_cache_scales
+    want = _file_scales(kv_ckpt)
+    assert table.k[1] == want["model.layers.1.self_attn.k_scale"].item() and "per-head" in table.note
+    config = json.loads((path / "config.json").read_text())
+    assert check_checkpoint(path, config)["layers"] == 2
+    neg = _rewrite(kv_ckpt, tmp_path / "neg", lambda t: {k: (-v if k.endswith("0.self_attn.v_scale") else v)
+                                                         for k, v in t.items()})
+    with pytest.raises(CheckFailed, match="positive and finite"):
+        check_checkpoint(neg, config)
