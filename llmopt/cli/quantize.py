@@ -96,4 +96,10 @@ def quantize(
         if table is not None:
             console.print(table)
     console.print(summary_table(result))
+    if result.kv_cache is not None:
+        kv = result.kv_cache
+        console.print(f"KV cache scales ({kv['kind']}, static per layer = amax/{kv['qmax']:g}): k_scale "
+                      f"{min(kv['k_scale']):.3g}–{max(kv['k_scale']):.3g}, v_scale {min(kv['v_scale']):.3g}–"
+                      f"{max(kv['v_scale']):.3g} over {len(kv['k_scale'])} layers → kv_cache_scheme + "
+                      f"self_attn.k_scale/v_scale")
     console.print(f"wrote {result.out}")

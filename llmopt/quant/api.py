@@ -133,6 +133,7 @@ class QuantizeResult:
     quantized_modules: int
     moe: dict | None = None  # MoE models: experts split per expert, routers kept float, routed tokens per layer
     parameters: dict = field(default_factory=dict)  # kind → {total, targeted, quantized} parameter counts
+    kv_cache: dict | None = None  # --kv-cache: the calibrated per-layer K/V scales written (kv_scales.KVScales)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -303,7 +304,8 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         layers = [r.to_dict() for r in result.layers]
         moe_info = _moe_summary(model, unfused, layers)
         res = QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
-                             metrics, evaluated_with, len(names), moe_info, parameters)
+                             metrics, evaluated_with, len(names), moe_info, parameters,
+                             None if kv_scales is None else kv_scales.to_dict())
         from llmopt import __version__
 
         write_json(tmp / "llmopt.json", {

@@ -197,3 +197,15 @@ def test_per_head_scales_load_as_their_max_and_bad_scales_fail_verify(kv_ckpt, t
                                                          for k, v in t.items()})
     with pytest.raises(CheckFailed, match="positive and finite"):
         check_checkpoint(neg, config)
+
+
+def test_cli_kv_cache_int8(tiny_llama_random_dir, tmp_path):
+    out = tmp_path / "i8"
+    r = runner.invoke(app, ["quantize", str(tiny_llama_random_dir), "--method", "rtn", "--bits", "8", "--group-size",
+                            "-1", "--kv-cache", "int8", "--samples", "4", "--seq-len", "32", "--no-evaluate",
+                            "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "KV cache scales (int8, static per layer = amax/127)" in r.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache_scheme"]["type"] == "int" and qc["kv_cache_scheme"]["strategy"] == "tensor"
+    assert len(_file_scales(out)) == 4
