@@ -28,12 +28,13 @@ class KVQuality:
     top1: float  # fraction of positions whose argmax is the same under both caches
     perplexity: float  # of the quantized-KV run on the held-out next tokens
     float_perplexity: float  # of the float-KV run on the same tokens
+    scales: str  # static per layer (a calibrated checkpoint's k_scale/v_scale) or dynamic per (token, kv head)
 
     def to_quality(self) -> dict:
         """The eval report's quality.kv_* entries."""
-        return {"kv_dtype": self.kv_dtype, "kv_tokens": self.tokens, "kv_kld_mean": self.kld_mean,
-                "kv_kld_p99": self.kld_p99, "kv_top1": self.top1, "kv_perplexity": self.perplexity,
-                "kv_float_perplexity": self.float_perplexity}
+        return {"kv_dtype": self.kv_dtype, "kv_scales": self.scales, "kv_tokens": self.tokens,
+                "kv_kld_mean": self.kld_mean, "kv_kld_p99": self.kld_p99, "kv_top1": self.top1,
+                "kv_perplexity": self.perplexity, "kv_float_perplexity": self.float_perplexity}
 
 
 def _engine(model, kv_dtype: str, window: int, block_size: int) -> LLMEngine:
@@ -62,4 +63,5 @@ def measure_kv_quality(model, windows: list[list[int]], kv_dtype: str, chunk: in
     kld = torch.cat(klds)  # [N]
     n = kld.numel()
     return KVQuality(quantized.kv_format.name, n, float(kld.mean()), float(torch.quantile(kld, 0.99)), same / n,
-                     float(torch.exp(torch.tensor(nll_q / n))), float(torch.exp(torch.tensor(nll_f / n))))
+                     float(torch.exp(torch.tensor(nll_q / n))), float(torch.exp(torch.tensor(nll_f / n))),
+                     quantized.kv_stats().kv_scales)

@@ -294,7 +294,7 @@ class EvalRunner:
             mem = {"kv_bytes_allocated": kv.allocated_bytes, "kv_bytes_formula": kv.formula_bytes,
                    "kv_waste_bytes": kv.waste_bytes, "kv_peak_tokens": kv.peak_tokens,
                    "kv_block_size": kv.block_size, "kv_pool_bytes": kv.pool_bytes, "kv_preemptions": kv.preemptions,
-                   "kv_dtype": kv.kv_dtype}
+                   "kv_dtype": kv.kv_dtype, "kv_scales": kv.kv_scales}
         else:  # generate's own cache is not measured; the formula for its largest request is still known
             peak = max(len(r.prompt) + r.max_tokens - 1 for r in requests)
             mem = {"kv_bytes_formula": kv_bytes(layers, kv_heads, head_dim, peak, el), "kv_peak_tokens": peak}

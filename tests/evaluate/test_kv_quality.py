@@ -47,6 +47,8 @@ def test_quantized_kv_costs_a_little(model, kv):
     assert q.perplexity == pytest.approx(q.float_perplexity, rel=1e-3)
     d = q.to_quality()
     assert set(d) >= {"kv_kld_mean", "kv_kld_p99", "kv_top1", "kv_perplexity"} and d["kv_dtype"] == kv
+    # no calibrated checkpoint scales: 8-bit caches code with per-(token, kv head) scales, float16 has none
+    assert d["kv_scales"] == ("none" if kv == "float16" else "dynamic per (token, kv head)")
 
 
 def test_int8_worse_than_float16_kv(model):
