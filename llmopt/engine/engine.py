@@ -22,6 +22,7 @@ from llmopt.engine.sampling import SamplingParams, sample_rows
 from llmopt.engine.scheduler import Scheduler, SchedulerConfig
 from llmopt.engine.sequence import Sequence, Status
 from llmopt.errors import LlmoptError
+from llmopt.models.loading import max_context as context_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +52,8 @@ def model_dtype(model) -> torch.dtype:
 
 
 def max_context(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(config, "max_position_embeddings", 0) or 2 ** 31)
+    """The model's context length, by the one rule every command uses (models.loading.max_context)."""
+    return context_of(model.config)
 
 
 @dataclass(frozen=True, slots=True)
