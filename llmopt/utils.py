@@ -66,6 +66,11 @@ def default_threads() -> int:
     return cores if every > one else 1
 
 
+def text_config(config):
+    """The language model's config: multimodal configs nest it (get_text_config), plain ones are it."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def llmopt_home() -> Path:
     """Cache root: $LLMOPT_HOME, else ~/.cache/llmopt."""
     return Path(os.environ.get("LLMOPT_HOME") or Path.home() / ".cache" / "llmopt")

@@ -19,12 +19,13 @@ from llmopt.engine.attention import (AttentionProbe, LayerSpec, PagedKVCache, Se
 from llmopt.engine.block_manager import FREED, BlockManager
 from llmopt.engine.sequence import Sequence
 from llmopt.errors import LlmoptError
+from llmopt.utils import text_config
 
 _SERVED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 def _text_config(model):
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return text_config(model.config)
 
 
 @contextlib.contextmanager

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "F8_E4M3": 1, "F8_E5M2": 1}
+from llmopt.utils import text_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +80,7 @@ class KVLayout:
 
 def attention_shape(config) -> tuple[int, int, int, int]:
     """(layers, heads, kv_heads, head_dim) of a decoder config (GQA: kv_heads < heads)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -91,7 +90,7 @@ def attention_shape(config) -> tuple[int, int, int, int]:
 def kv_layout(config) -> KVLayout:
     """Full vs sliding layers (`layer_types`, else every layer when `sliding_window` is set and not switched off
     by `use_sliding_window`), cached heads and head dims (MLA: decompressed K and V)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     layers, heads, kv_heads, head_dim = attention_shape(text)
     window = getattr(text, "sliding_window", None) or None
     types = getattr(text, "layer_types", None)
@@ -145,7 +144,7 @@ def model_info(name: str, path: Path, config, dtype: torch.dtype, context: int =
     layout = kv_layout(config)
     per_layer = layout.layer_bytes_per_token(el)
     latent = layout.latent_bytes(1, el)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return ModelInfo(name=name, architecture=(config.architectures or [type(model).__name__])[0], params=params,
                      layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden_size=text.hidden_size,
                      vocab_size=text.vocab_size, dtype=str(dtype).removeprefix("torch."), weight_bytes=weight_bytes,

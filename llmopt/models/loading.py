@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llmopt.errors import LlmoptError
-from llmopt.utils import resolve_device, resolve_dtype
+from llmopt.utils import resolve_device, resolve_dtype, text_config
 
 BUILTIN_PREFIX = "builtin:"
 # Architectures whose checkpoints carry no causal LM head: clear error instead of a random head.
@@ -138,7 +138,7 @@ def _remote_code_error(path: Path, raw: dict, e: BaseException) -> LlmoptError:
 
 def max_context(config) -> int:
     """The longest sequence the model was built for (max_position_embeddings; unbounded when it names none)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return int(getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2 ** 31)
 
 

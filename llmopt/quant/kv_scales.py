@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from llmopt.errors import CheckFailed, LlmoptError
+from llmopt.utils import text_config
 
 KV_CACHE_KINDS = ("fp8", "int8")
 QMAX = {"fp8": 448.0, "int8": 127.0}
@@ -138,7 +139,7 @@ def calibrate(model: torch.nn.Module, input_ids: torch.Tensor, kind: str, device
         if child is not layers and home.get(id(child)) is not None:
             child.to(home[id(child)])
     modules = attention_modules(model)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     layers = int(cfg.num_hidden_layers)
     missing = [i for i in range(layers) if i not in amax or i not in modules]
     if missing:
