@@ -1,6 +1,6 @@
 """The family coverage matrix: every decoder family × every method, each cell measured in this run.
 
-For each family of tests/families/family_models.py (random tiny configs with the family's own transformers
+For each family of tests/helpers/family_models.py (random tiny configs with the family's own transformers
 config: sliding windows shorter than the prompts, hybrid layer types, softcapping, MLA, parallel blocks, MoE) and
 each method (rtn, int8, w8a8, gptq, awq):
   quantize   `llmopt quantize` end to end (calibration on the builtin corpus), the fraction of the targeted
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -32,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "families"))
-from family_models import FAMILIES, family_model  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
+from tests.helpers.family_models import FAMILIES, family_model  # noqa: E402
 
 METHODS = ("rtn", "int8", "w8a8", "gptq", "awq")
 FORMAT = {"rtn": "compressed-tensors", "int8": "compressed-tensors", "w8a8": "compressed-tensors",

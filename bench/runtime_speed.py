@@ -44,9 +44,9 @@ def quantized(model: torch.nn.Module, variant: str, root: Path) -> torch.nn.Modu
     """RTN-quantize every decoder Linear, write a compressed-tensors checkpoint, load it with llmopt's runtime."""
     from transformers import AutoConfig
 
-    from llmopt.quant.formats import write_checkpoint
+    from llmopt.checkpoint.formats import write_checkpoint
     from llmopt.quant.rtn import rtn_quantize
-    from llmopt.quant.types import QuantArgs
+    from llmopt.checkpoint.types import QuantArgs
     from llmopt.runtime import load_quantized_model
 
     method, _, head = variant.partition("+")

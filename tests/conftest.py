@@ -72,3 +72,27 @@ def tiny_llama_random_dir(tiny_model_dir, tmp_path_factory) -> Path:
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     return _random_model(cfg, tiny_model_dir, tmp_path_factory.mktemp("models") / "llama-random")
+
+
+CHECKPOINT_FAST = ["--samples", "8", "--seq-len", "64", "--device", "cpu", "--group-size", "32"]
+
+
+@pytest.fixture(scope="session")
+def llmopt_checkpoints(tiny_model_dir, tmp_path_factory):
+    """A session's worth of llmopt's GPTQ (compressed-tensors, gptq) and AWQ (awq) outputs of the trained tiny
+    model (the verify and backend tests share them)."""
+    from typer.testing import CliRunner
+
+    from llmopt.cli.main import app
+
+    base = tmp_path_factory.mktemp("verify")
+    out = {}
+    for method, fmt in (("gptq", "compressed-tensors"), ("gptq", "gptq"), ("awq", "awq")):
+        path = base / f"{method}-{fmt}"
+        r = CliRunner().invoke(app, ["quantize", str(tiny_model_dir), "--method", method, "--format", fmt,
+                                     "--out", str(path), "--no-evaluate", *CHECKPOINT_FAST])
+        assert r.exit_code == 0, r.output
+        out[fmt] = path
+    return out
+
+

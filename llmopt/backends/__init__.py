@@ -27,13 +27,6 @@ def get_spec(name: str) -> BackendSpec:
     return all_specs[name]
 
 
-def run_backend(args, progress=True):
-    """`quantize(args)` for args.backend != "llmopt": same checkpoint layout and llmopt.json as llmopt's own."""
-    from llmopt.backends.run import run_backend as _run
-
-    return _run(args, progress)
-
-
 def doctor(probe: bool = True):
     from llmopt.backends.doctor import doctor as _doctor
 
@@ -46,4 +39,4 @@ def setup(name: str, path=None, progress=None):
     return _setup(name, path, progress)
 
 
-__all__ = ["NAMES", "BackendSpec", "doctor", "get_spec", "run_backend", "setup", "specs"]
+__all__ = ["NAMES", "BackendSpec", "doctor", "get_spec", "setup", "specs"]

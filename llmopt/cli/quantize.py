@@ -10,7 +10,7 @@ import typer
 
 from llmopt.cli.options import ChatTemplate, Device, Dtype, Json, Overwrite, Revision, Samples, Seed, SeqLen, Split, \
     TextField, TrustRemoteCode
-from llmopt.quant.types import FORMATS, METHODS
+from llmopt.checkpoint.types import FORMATS, METHODS
 
 
 def quantize(

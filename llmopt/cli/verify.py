@@ -32,8 +32,8 @@ def verify(
 ) -> None:
     """Load CHECKPOINT in each external loader, run the same prompts as llmopt's runtime, compare the logits
     (max |Δ|, KL, top-1); exit 1 on a mismatch."""
-    from llmopt.backends.verify import VerifyArgs, check
-    from llmopt.backends.verify import verify as run_verify
+    from llmopt.evaluate.verify import VerifyArgs, check
+    from llmopt.evaluate.verify import verify as run_verify
     from llmopt.cli.console import err, out
 
     args = VerifyArgs(checkpoint=checkpoint, loaders=None if with_ is None else with_.split(","), data=data,

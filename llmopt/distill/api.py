@@ -18,7 +18,8 @@ from llmopt.distill import losses, student as students
 from llmopt.distill.trainer import (LossSettings, Progress, StepLog, TrainSettings, find_checkpoint,
                                     remove_checkpoints, train, verify_checkpoint)
 from llmopt.errors import LlmoptError
-from llmopt.utils import atomic_dir, check_out_dir, resolve_device, sha256_json, write_json
+from llmopt.checkpoint.manifest import write_manifest
+from llmopt.utils import atomic_dir, check_out_dir, resolve_device, sha256_json
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Fields that do not change the training trajectory: a resume may differ in these.
@@ -262,7 +263,7 @@ def distill(args: DistillArgs, progress: StatusFn | None = None) -> DistillResul
     if accelerator.is_main_process:
         with atomic_dir(args.out, args.overwrite) as tmp:
             save_model(trained, teacher.tokenizer, tmp)
-            write_json(tmp / "llmopt.json", {
+            write_manifest(tmp, "distilled", {
                 "distill": {"args": args.to_dict(), "teacher": {"path": str(teacher.path), "layers": n_teacher,
                                                                  "dtype": str(teacher.dtype).removeprefix("torch.")},
                             "student": result.student, "hidden_layer_map": students.hidden_layer_map(

@@ -8,7 +8,6 @@ so the same seed on the same Python/torch gives the same weights.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +19,8 @@ import torch
 from llmopt.calibration import corpus
 from llmopt.calibration.data import token_stream
 from llmopt.errors import LlmoptError
-from llmopt.utils import atomic_dir, llmopt_home, sha256_json, write_json
+from llmopt.checkpoint.manifest import read_manifest, write_manifest
+from llmopt.utils import atomic_dir, llmopt_home, sha256_json
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3
 
@@ -114,8 +114,8 @@ def cached_report(recipe: TinyRecipe) -> BuildReport | None:
     """The recorded BuildReport of the cached build of exactly this recipe, or None."""
     path = builtin_dir(recipe.name)
     try:
-        meta = json.loads((path / "llmopt.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = read_manifest(path)
+    except (OSError, LlmoptError):
         return None
     if meta.get("builtin", {}).get("key") != recipe_key(recipe):
         return None
@@ -232,7 +232,7 @@ def build(name: str = "tiny", out: Path | None = None, progress: ProgressFn | No
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "llmopt.json", {
+        write_manifest(tmp, "builtin", {
             "builtin": {"name": r.name, "key": recipe_key(r), "recipe": asdict(r),
                         "corpus": corpus.corpus_fingerprint(), "torch": torch.__version__},
             "metrics": {k: v for k, v in asdict(report).items() if k not in ("name", "path")},

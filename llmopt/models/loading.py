@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from llmopt.checkpoint.manifest import read_manifest
 from llmopt.errors import LlmoptError
 from llmopt.utils import resolve_device, resolve_dtype, text_config
 
@@ -167,16 +168,6 @@ def read_json_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def read_meta(path: Path) -> dict:
-    meta = path / "llmopt.json"
-    if not meta.exists():
-        return {}
-    try:
-        return json.loads(meta.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LlmoptError(f"{meta} is not valid JSON: re-run the command that wrote this checkpoint") from None
-
-
 _MAX_HEADER = 100 * 2 ** 20  # the safetensors library's own cap on a header's size
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -277,7 +268,7 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
                               f"{str(e).splitlines()[0][:160]})") from e
         model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, spec, path, device, dtype, read_meta(path))
+    return LoadedModel(model, tokenizer, spec, path, device, dtype, read_manifest(path))
 
 
 def save_model(model, tokenizer, out: Path) -> None:

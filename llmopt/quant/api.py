@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llmopt.errors import LlmoptError
-from llmopt.quant.types import FORMATS, METHODS, QuantArgs
+from llmopt.checkpoint.types import FORMATS, METHODS, QuantArgs
 
 # bits each method accepts (int8/w8a8 are 8-bit by definition; AWQ's search and formats target 4-bit)
 METHOD_BITS: dict[str, tuple[int, ...]] = {"rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "awq": (4,), "int8": (8,),
@@ -101,7 +101,7 @@ class QuantizeArgs:
                     re.compile(pat[3:])
                 except re.error as e:
                     raise LlmoptError(f"bad regular expression in {pat!r}: {e}") from None
-        from llmopt.quant.kv_scales import check_kind
+        from llmopt.checkpoint.kv_scales import check_kind
 
         check_kind(self.kv_cache, self.format)
         if self.kv_cache is not None and self.backend != "llmopt":
@@ -188,10 +188,6 @@ def _check_shapes(model, is_target: Callable[[str], bool], qargs: QuantArgs) -> 
     return names
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
-
-
 def _progress_bar(method: str, enabled: bool | ProgressFn):
     """(callback, context manager) for rich progress over layers on stderr, or the caller's callback."""
     import contextlib
@@ -217,7 +213,7 @@ def _progress_bar(method: str, enabled: bool | ProgressFn):
 def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> QuantizeResult:
     """Quantize args.model with args.method and write the checkpoint to args.out (atomically)."""
     if args.backend != "llmopt":
-        from llmopt.backends import run_backend
+        from llmopt.quant.external import run_backend
 
         return run_backend(args, progress)
 
@@ -227,9 +223,10 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
     from llmopt.families.moe import unfuse_experts
     from llmopt.quant.accounting import check_all_targeted_quantized
     from llmopt.models import ModelSpec, check_seq_len, load_model
-    from llmopt.quant import formats
+    from llmopt.checkpoint import formats
+    from llmopt.checkpoint.manifest import dir_bytes, write_manifest
     from llmopt.quant.pipeline import check_finite_weights, quantize_model
-    from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, resolve_dtype, write_json
+    from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, resolve_dtype
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -291,7 +288,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
                                  kv_scales=kv_scales)
         tokenizer.save_pretrained(tmp)
         timings["write"] = time.perf_counter() - t
-        metrics: dict = {"size_bytes": _dir_bytes(tmp), "float_size_bytes": _dir_bytes(loaded.path)}
+        metrics: dict = {"size_bytes": dir_bytes(tmp), "float_size_bytes": dir_bytes(loaded.path)}
         evaluated_with = None
         if eval_batch is not None:
             t = time.perf_counter()
@@ -306,10 +303,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         res = QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
                              metrics, evaluated_with, len(names), moe_info, parameters,
                              None if kv_scales is None else kv_scales.to_dict())
-        from llmopt import __version__
-
-        write_json(tmp / "llmopt.json", {
-            "llmopt_version": __version__, "torch": torch.__version__, "kind": "quantized",
+        write_manifest(tmp, "quantized", {
             "base_model": {"name": args.model, "path": str(loaded.path)},
             "method": args.method, "format": args.format, "args": args.to_dict(), "quant_args": asdict(qargs),
             "calibration": calibration, "timings": timings, "layers": layers, "metrics": metrics,

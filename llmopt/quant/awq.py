@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llmopt.quant.rtn import fake_quantize, params_from_range, rtn_quantize
-from llmopt.quant.types import QuantArgs, QuantizedWeight
+from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 from llmopt.utils import fast_bf16
 
 SEARCH_ROWS = 1 << 14  # weight rows per loss evaluation in the scale search

@@ -15,7 +15,7 @@ import torch
 
 from llmopt.errors import LlmoptError
 from llmopt.quant.rtn import check_group_size, group_range, params_from_range
-from llmopt.quant.types import QuantArgs, QuantizedWeight
+from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 
 
 SYM_BLOCK = 256  # XᵀX is built block-row by block-row above the diagonal: ~0.6× the flops of the full product

@@ -40,7 +40,7 @@ from llmopt.quant import awq as awq_mod
 from llmopt.quant.gptq import HessianAccumulator, gptq_quantize
 from llmopt.quant.rtn import fake_quantize_activations, rtn_quantize
 from llmopt.quant.smoothquant import ActMaxAccumulator, smooth_scales, w8a8_quantize
-from llmopt.quant.types import QuantArgs, QuantizedWeight
+from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 
 CHECK_TOKENS = 1024  # calibration tokens on which each layer's output error is measured
 

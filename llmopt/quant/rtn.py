@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from llmopt.errors import LlmoptError
-from llmopt.quant.types import QuantArgs, QuantizedWeight
+from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 
 
 def n_groups(n_in: int, group_size: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from llmopt.quant.rtn import rtn_quantize
-from llmopt.quant.types import QuantArgs, QuantizedWeight
+from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 
 
 class ActMaxAccumulator:

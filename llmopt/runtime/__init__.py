@@ -29,7 +29,7 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from llmopt.quant.formats import read_checkpoint
+    from llmopt.checkpoint.formats import read_checkpoint
 
     device = torch.device(device)
     _, qweights, others = read_checkpoint(Path(path))
@@ -54,7 +54,7 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
         key = f"{name}.weight"
         if key in others:
             others[key] = others[key].t()
-    from llmopt.quant import kv_scales as kvs
+    from llmopt.checkpoint import kv_scales as kvs
 
     kv_table = kvs.pop(model, config, others)  # {attention}.k_scale / .v_scale → per-layer table (or None)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in others.items()}

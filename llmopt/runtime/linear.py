@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 
 from llmopt.errors import LlmoptError
-from llmopt.quant.formats.packing import pack_nibbles, unpack_nibbles
-from llmopt.quant.types import QuantizedWeight
+from llmopt.checkpoint.formats.packing import pack_nibbles, unpack_nibbles
+from llmopt.checkpoint.types import QuantizedWeight
 from llmopt.runtime import kernels as K
 
 _CHOICES: dict[tuple, str] = {}  # autotune cache shared by every layer

@@ -116,7 +116,7 @@ def test_compat_config_for_transformers_4(tmp_path):
 
 
 def test_compare_math():
-    from llmopt.backends.verify import LoaderCheck, VerifyResult, check, compare
+    from llmopt.evaluate.verify import LoaderCheck, VerifyResult, check, compare
 
     torch.manual_seed(0)
     ref = torch.randn(2, 5, 7)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import llmopt.backends.run as run_mod
+import llmopt.quant.external as run_mod
 from llmopt.backends.base import Interpreter, WorkerRun
 from llmopt.quant.api import QuantizeArgs, quantize
 

@@ -157,7 +157,7 @@ def test_disk_full_while_writing(tiny_llama_random_dir, tmp_path, monkeypatch):
     import safetensors.torch
     from safetensors import SafetensorError
 
-    import llmopt.quant.formats._io as io
+    import llmopt.checkpoint.formats._io as io
 
     real = safetensors.torch.save_file
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +16,7 @@ from llmopt.engine.block_manager import FREED
 from llmopt.engine.speculative import attach_draft
 from llmopt.errors import LlmoptError
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "families"))
-from family_models import FAMILIES, family_model  # noqa: E402
+from tests.helpers.family_models import FAMILIES, family_model
 
 LENGTHS = [5, 17, 33]  # two prompts longer than the families' window of 8
 OUTS = [12, 20, 9]

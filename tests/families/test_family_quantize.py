@@ -1,4 +1,4 @@
-"""Every family of tests/families/family_models.py with every method: the registry's folds are exact (float64),
+"""Every family of tests/helpers/family_models.py with every method: the registry's folds are exact (float64),
 and `llmopt quantize` → llmopt's runtime gives a finite KLD vs float, quantizes every targeted weight, and GPTQ
 beats RTN; compressed-tensors checkpoints load in plain transformers with our runtime's logits."""
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from family_models import FAMILIES, family_model
+from tests.helpers.family_models import FAMILIES, family_model
 
 from llmopt.families import linear_like, moe, registry
 
@@ -190,7 +190,7 @@ def test_every_family_every_method(family_dirs, tmp_path_factory, family, method
     """quantize → reload through llmopt's runtime → finite KLD vs float; every targeted weight quantized."""
     import json
 
-    from llmopt.quant.formats import read_checkpoint
+    from llmopt.checkpoint.formats import read_checkpoint
 
     res, out = _quantized(family_dirs, tmp_path_factory, family, method)
     assert res.evaluated_with == "runtime"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_models import MOE_FAMILIES, moe_model
+from tests.helpers.moe_models import MOE_FAMILIES, moe_model
 
 from llmopt.families import moe
 from llmopt.quant.api import target_filter
 from llmopt.quant.pipeline import quantize_model
-from llmopt.quant.types import QuantArgs
+from llmopt.checkpoint.types import QuantArgs
 
 ALL = (*MOE_FAMILIES, "deepseek_v2")
 

@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
-from moe_models import MOE_FAMILIES, moe_model
+from tests.helpers.moe_models import MOE_FAMILIES, moe_model
 
 from llmopt.families import moe
 from llmopt.quant.api import QuantizeArgs, quantize, target_filter
-from llmopt.quant.formats import read_checkpoint
+from llmopt.checkpoint.formats import read_checkpoint
 
 FORMAT = {"rtn": "compressed-tensors", "int8": "compressed-tensors", "w8a8": "compressed-tensors", "gptq": "gptq",
           "awq": "awq"}

@@ -53,11 +53,7 @@ def test_info_table_and_bad_context(tiny_model_dir):
 
 
 def _family(name: str, **kw):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "families"))
-    from family_models import family_config, family_model
+    from tests.helpers.family_models import family_config, family_model
 
     return family_config(name, **kw), family_model
 

@@ -5,7 +5,7 @@ import torch
 
 from llmopt.quant.gptq import HessianAccumulator, gptq_quantize
 from llmopt.quant.rtn import params_from_range, rtn_quantize
-from llmopt.quant.types import QuantArgs
+from llmopt.checkpoint.types import QuantArgs
 
 
 def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

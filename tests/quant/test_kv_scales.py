@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from llmopt.cli.main import app
-from llmopt.quant.kv_scales import QMAX
+from llmopt.checkpoint.kv_scales import QMAX
 
 runner = CliRunner()
 SAMPLES, SEQ = 8, 64
@@ -132,7 +132,7 @@ def _rewrite(src, dst, fn):
 
 
 def test_verify_catches_all_ones_and_missing(kv_ckpt, tmp_path):
-    from llmopt.quant.kv_scales import check_checkpoint
+    from llmopt.checkpoint.kv_scales import check_checkpoint
 
     assert check_checkpoint(kv_ckpt, json.loads((kv_ckpt / "config.json").read_text()))["layers"] == 2
     is_kv = ("self_attn.k_scale", "self_attn.v_scale")
@@ -157,11 +157,12 @@ def test_kv_cache_refused_outside_compressed_tensors(tiny_llama_random_dir, tmp_
 def test_int8_kind_scales_over_127(tiny_llama_random_dir, tmp_path):
     from llmopt.models import ModelSpec, load_model
     from llmopt.quant import kv_scales as kvs
+    from llmopt.checkpoint import kv_scales as ckv
 
     model = load_model(ModelSpec(str(tiny_llama_random_dir), "cpu", "float32")).model
     ids = torch.randint(4, 500, (2, 32), generator=torch.Generator().manual_seed(0))
     f8, i8 = kvs.calibrate(model, ids, "fp8"), kvs.calibrate(model, ids, "int8")
-    assert kvs.scheme("int8")["type"] == "int"
+    assert ckv.scheme("int8")["type"] == "int"
     for a, b in zip(f8.k + f8.v, i8.k + i8.v):
         assert a * QMAX["fp8"] == pytest.approx(b * QMAX["int8"], rel=1e-6)
     assert i8.for_qmax(448.0)[0][0] == pytest.approx(f8.k[0], rel=1e-6)
@@ -182,7 +183,7 @@ def test_static_codes_clamp_past_the_calibrated_amax():
 def test_per_head_scales_load_as_their_max_and_bad_scales_fail_verify(kv_ckpt, tmp_path):
     from llmopt.errors import CheckFailed
     from llmopt.models import ModelSpec, load_model
-    from llmopt.quant.kv_scales import check_checkpoint
+    from llmopt.checkpoint.kv_scales import check_checkpoint
 
     def per_head(t):  # strategy attn_head: one scale per kv head (2 here)
         return {k: (torch.stack([v * 0.5, v]) if k.endswith(("k_scale", "v_scale")) else v) for k, v in t.items()}

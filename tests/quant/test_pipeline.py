@@ -10,7 +10,7 @@ from llmopt.evaluate.quality import measure_quality
 from llmopt.models import ModelSpec, load_model
 from llmopt.quant.api import target_filter
 from llmopt.quant.pipeline import act_quant_hooks, quantize_model
-from llmopt.quant.types import QuantArgs
+from llmopt.checkpoint.types import QuantArgs
 
 CPU = torch.device("cpu")
 

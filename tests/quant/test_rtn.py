@@ -5,7 +5,7 @@ import torch
 
 from llmopt.errors import LlmoptError
 from llmopt.quant.rtn import fake_quantize_activations, rtn_quantize
-from llmopt.quant.types import QuantArgs
+from llmopt.checkpoint.types import QuantArgs
 
 
 def _reference(w: torch.Tensor, bits: int, gs: int, sym: bool) -> torch.Tensor:

@@ -12,7 +12,7 @@ from llmopt.quant import awq
 from llmopt.families.registry import fold_scales, scale_groups
 from llmopt.quant.rtn import fake_quantize_activations, rtn_quantize
 from llmopt.quant.smoothquant import ActMaxAccumulator, smooth_scales
-from llmopt.quant.types import QuantArgs
+from llmopt.checkpoint.types import QuantArgs
 
 
 def _layer(kind: str, kv_heads: int):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from recipe_fakes import register_fakes, unregister_fakes  # noqa: E402
+from tests.helpers.recipe_fakes import register_fakes, unregister_fakes
 
 DEMO = """\
 name: demo

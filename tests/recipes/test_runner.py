@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from llmopt.cli.main import app
 
-TESTS = str(Path(__file__).parent)
+ROOT = str(Path(__file__).resolve().parents[2])  # the repository root: tests.helpers
 
 
 def run(args: list[str], calls: Path, monkeypatch) -> tuple[int, str]:
@@ -136,7 +136,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(demo, tmp_path, monkeypatch):
 
 
 def _spawn(recipe: Path, env: dict) -> subprocess.Popen:
-    script = (f"import sys; sys.path.insert(0, {TESTS!r}); from recipe_fakes import register_fakes; "
+    script = (f"import sys; sys.path.insert(0, {ROOT!r}); from tests.helpers.recipe_fakes import register_fakes; "
               f"register_fakes(); from llmopt.cli.main import main; sys.argv = ['llmopt', 'run', {str(recipe)!r}]; main()")
     return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

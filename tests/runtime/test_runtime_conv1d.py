@@ -3,13 +3,10 @@ Conv1Ds reloads through llmopt's runtime (float ones keep the hub's [in, out] la
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "families"))
-from family_models import family_model  # noqa: E402
+from tests.helpers.family_models import family_model
 
 from llmopt.families.linear_like import Conv1DLinear, convert_conv1d  # noqa: E402
 

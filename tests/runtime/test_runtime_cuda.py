@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rtn_helper import rtn
+from tests.helpers.rtn import rtn
 
 from llmopt.runtime import build_linear
 

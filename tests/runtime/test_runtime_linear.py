@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rtn_helper import rtn
+from tests.helpers.rtn import rtn
 
 from llmopt.errors import LlmoptError
 from llmopt.runtime import build_linear, clear_kernel_cache

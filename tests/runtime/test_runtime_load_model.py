@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from rtn_helper import quantize_model
+from tests.helpers.rtn import quantize_model
 from test_formats_roundtrip import tiny_qwen2
 
 from llmopt.models import ModelSpec, load_model
-from llmopt.quant.formats import write_checkpoint
-from llmopt.quant.types import QuantArgs
+from llmopt.checkpoint.formats import write_checkpoint
+from llmopt.checkpoint.types import QuantArgs
 from llmopt.runtime import kernel_report, quant_modules
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmopt.errors import LlmoptError
-from llmopt.quant.types import QuantizedWeight
+from llmopt.checkpoint.types import QuantizedWeight
 
 SHARD_BYTES = 4 << 30  # split weights into files of at most ~4 GiB, like save_pretrained does
 WEIGHTS_NAME = "model.safetensors"

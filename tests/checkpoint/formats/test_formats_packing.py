@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmopt.quant.formats.packing import (awq_deinterleave, awq_interleave, pack_bits, pack_nibbles, unpack_bits,
+from llmopt.checkpoint.formats.packing import (awq_deinterleave, awq_interleave, pack_bits, pack_nibbles, unpack_bits,
                                           unpack_nibbles)
 
 

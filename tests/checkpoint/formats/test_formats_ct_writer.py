@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from test_formats_roundtrip import tiny_llama
 
-from llmopt.quant.formats import read_checkpoint
+from llmopt.checkpoint.formats import read_checkpoint
 from llmopt.runtime import load_quantized_model, set_kernel
 
 

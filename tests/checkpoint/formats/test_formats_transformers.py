@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rtn_helper import quantize_model
+from tests.helpers.rtn import quantize_model
 from test_formats_roundtrip import tiny_llama, tiny_qwen2
 
-from llmopt.quant.formats import read_checkpoint, write_checkpoint
-from llmopt.quant.types import QuantArgs
+from llmopt.checkpoint.formats import read_checkpoint, write_checkpoint
+from llmopt.checkpoint.types import QuantArgs
 from llmopt.runtime import kernel_report, load_quantized_model, set_kernel
 
 CT_SCHEMES = {  # name: method, bits, group size, act bits

@@ -12,8 +12,8 @@ import torch
 
 from llmopt.errors import LlmoptError
 from llmopt.families import moe
-from llmopt.quant.formats import _io, awq, compressed_tensors, gptq
-from llmopt.quant.types import FORMATS, QuantArgs, QuantizedWeight
+from llmopt.checkpoint.formats import _io, awq, compressed_tensors, gptq
+from llmopt.checkpoint.types import FORMATS, QuantArgs, QuantizedWeight
 
 _BY_METHOD = {"compressed-tensors": compressed_tensors, "gptq": gptq, "awq": awq}
 
@@ -68,7 +68,7 @@ def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, Quant
     else:
         qc = module.quantization_config(qweights, unquantized)
     if kv_scales is not None:
-        from llmopt.quant import kv_scales as kvs
+        from llmopt.checkpoint import kv_scales as kvs
 
         if fmt != "compressed-tensors":
             raise LlmoptError(f"calibrated KV scales are written only in compressed-tensors checkpoints, not {fmt}")

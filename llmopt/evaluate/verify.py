@@ -22,7 +22,7 @@ import torch
 from llmopt.errors import CheckFailed, LlmoptError
 
 LOADERS = ("transformers", "gptqmodel", "auto-gptq", "autoawq", "vllm")
-# which checkpoint formats each loader reads (llmopt's names, from llmopt.quant.formats.quant_method)
+# which checkpoint formats each loader reads (llmopt's names, from llmopt.checkpoint.formats.quant_method)
 _READS = {"transformers": ("compressed-tensors",), "gptqmodel": ("gptq", "awq"), "auto-gptq": ("gptq",),
           "autoawq": ("awq",), "vllm": ("compressed-tensors", "gptq", "awq")}
 
@@ -207,7 +207,7 @@ def verify(args: VerifyArgs, progress: Callable[[str], None] | None = None) -> V
     from llmopt.calibration import DataSpec, load_token_batch
     from llmopt.models import ModelSpec, resolve_path
     from llmopt.models.loading import load_tokenizer
-    from llmopt.quant.formats import quant_method, read_config
+    from llmopt.checkpoint.formats import quant_method, read_config
     from llmopt.utils import resolve_device
 
     path = resolve_path(ModelSpec(args.checkpoint))
@@ -216,7 +216,7 @@ def verify(args: VerifyArgs, progress: Callable[[str], None] | None = None) -> V
         raise LlmoptError(f"{path} is not a quantized checkpoint (no quantization_config in config.json): "
                           f"verify checks checkpoints written by llmopt quantize")
     fmt = quant_method(config)
-    from llmopt.quant.kv_scales import check_checkpoint
+    from llmopt.checkpoint.kv_scales import check_checkpoint
 
     kv_summary = check_checkpoint(path, config)  # CheckFailed: calibrated kv_cache_scheme, scales missing or all 1.0
     loaders = args.loaders

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from rtn_helper import quantize_model, rtn
+from tests.helpers.rtn import quantize_model, rtn
 
 from llmopt.errors import LlmoptError
-from llmopt.quant.formats import check_supported, read_checkpoint, write_checkpoint
-from llmopt.quant.types import QuantArgs
+from llmopt.checkpoint.formats import check_supported, read_checkpoint, write_checkpoint
+from llmopt.checkpoint.types import QuantArgs
 
 
 def tiny_llama(seed: int = 0, tie: bool = False):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.quant.types import QuantizedWeight
+from llmopt.checkpoint.types import QuantizedWeight
 
 
 def rtn(w: torch.Tensor, bits: int = 4, group_size: int = 32, sym: bool = True, act_bits: int | None = None,

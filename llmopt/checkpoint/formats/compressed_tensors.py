@@ -20,9 +20,9 @@ import re
 import torch
 
 from llmopt.errors import LlmoptError
-from llmopt.quant.formats import _io
-from llmopt.quant.formats.packing import pack_bits, unpack_bits
-from llmopt.quant.types import QuantArgs, QuantizedWeight
+from llmopt.checkpoint.formats import _io
+from llmopt.checkpoint.formats.packing import pack_bits, unpack_bits
+from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 
 QUANT_METHOD = "compressed-tensors"
 PACKED = "pack-quantized"

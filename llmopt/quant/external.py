@@ -124,11 +124,9 @@ def _declare_quantization(path: Path, fmt: str) -> None:
 def _finish(args, spec: BackendSpec, interp: Interpreter, fmt: str, res: dict, tmp: Path, model_path: Path, calib,
             eval_batch, timings: dict, t_all: float, device: torch.device, dtype: torch.dtype):
     """Read back, evaluate and describe the library's checkpoint in `tmp`; the QuantizeResult."""
-    from llmopt import __version__ as version
+    from llmopt.checkpoint.formats import read_checkpoint
+    from llmopt.checkpoint.manifest import dir_bytes, write_manifest
     from llmopt.quant.api import QuantizeResult
-    from llmopt.quant.api import _dir_bytes as dir_bytes
-    from llmopt.quant.formats import read_checkpoint
-    from llmopt.utils import write_json
 
     _, qweights, _ = read_checkpoint(tmp)  # llmopt must read what the library wrote
     metrics: dict = {"size_bytes": dir_bytes(tmp), "float_size_bytes": dir_bytes(model_path)}
@@ -149,8 +147,7 @@ def _finish(args, spec: BackendSpec, interp: Interpreter, fmt: str, res: dict, t
     quant_args = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "damp": args.damp,
                   "act_order": args.act_order, "static_groups": args.static_groups, "backend": spec.name,
                   "library": res["library"], "patched": bool(res["patches"])}
-    write_json(tmp / "llmopt.json", {
-        "llmopt_version": version, "torch": torch.__version__, "kind": "quantized",
+    write_manifest(tmp, "quantized", {
         "base_model": {"name": args.model, "path": str(model_path)},
         "method": args.method, "format": fmt, "backend": spec.name, "library": res["library"],
         "patched": bool(res["patches"]), "patches": res["patches"], "backend_info": backend,

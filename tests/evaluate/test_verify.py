@@ -53,7 +53,7 @@ def test_gptq_awq_with_gptqmodel(llmopt_checkpoints, fmt):
 def test_a_misread_checkpoint_fails_despite_the_tie_margin(llmopt_checkpoints, monkeypatch):
     """A reader bug (int4 codes unpacked in reversed nibble order) must fail verify: it moves logits by whole
     units, far past the near-tie margin, so decided top-1 and KL both catch it."""
-    import llmopt.quant.formats.compressed_tensors as ct
+    import llmopt.checkpoint.formats.compressed_tensors as ct
 
     real = ct.unpack_bits
 

@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny model builders, an independent RTN, fake recipe steps (import as tests.helpers.X)."""
