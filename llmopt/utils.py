@@ -14,7 +14,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -204,8 +204,26 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         tmp.rename(out)
 
 
+def atomic_write(path: Path, data: str | bytes | Callable[[Path], None]) -> None:
+    """Write a file through a temp file beside it and a rename: a kill never leaves a truncated file that looks
+    finished (the one writer for single files; atomic_dir is the one for checkpoint directories). data: the text,
+    the bytes, or a function that writes the file at the path it is given (e.g. a plot's savefig)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # the suffix: savefig picks the format
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        elif isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            data(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj: object) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def fast_bf16(device: torch.device) -> bool:
