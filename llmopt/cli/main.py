@@ -52,13 +52,14 @@ def _root(
 
 
 def _register() -> None:
-    from llmopt.cli import backends, distill, evaluate, models, quantize, run, verify
+    from llmopt.cli import backends, distill, evaluate, export, models, quantize, run, verify
 
     app.command("quantize", no_args_is_help=True)(quantize.quantize)
     app.command("distill", no_args_is_help=True)(distill.distill)
     app.command("eval", no_args_is_help=True)(evaluate.evaluate)
     app.command("run", no_args_is_help=True)(run.run)
     app.command("verify", no_args_is_help=True)(verify.verify)
+    app.command("export", no_args_is_help=True)(export.export)
     app.add_typer(models.app, name="models")
     app.add_typer(backends.app, name="backends")
 
