@@ -96,7 +96,7 @@ def run_cell(family: str, method: str, src: Path, work: Path, samples: int, seq_
     args = QuantizeArgs(model=str(src), out=out, method=method, format=FORMAT[method],
                         group_size=None if method in ("int8", "w8a8") else 32, samples=samples, seq_len=seq_len,
                         eval_samples=4, eval_seq_len=seq_len, device="cpu", calib_dtype="model")
-    res = quantize(args, progress=False)
+    res = quantize(args)
     cell = {"quantize": "ok", "seconds": round(time.perf_counter() - t, 1),
             "kld": res.metrics["quantized"]["kld_mean"], "quantized_fraction": quantized_fraction(res.parameters)}
     loaded = load_model(ModelSpec(str(out), "cpu", "float32"))

@@ -90,7 +90,7 @@ def main() -> None:
             qa = QuantizeArgs(model=str(paths[mname]), out=out, method=method, samples=args.samples,
                               seq_len=args.seq_len, eval_samples=args.eval_samples, eval_seq_len=args.seq_len,
                               overwrite=True, **extra)
-            r = quantize(qa, progress=False)
+            r = quantize(qa)
             results.append((mname, label, r))
             m = r.metrics
             print(f"{mname:6s} {label:36s} kld={m['quantized']['kld_mean']:.3e} ppl={m['quantized']['perplexity']:.3f} "

@@ -84,7 +84,10 @@ def quantize(
         eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device, dtype=dtype,
         calib_dtype=calib_dtype, trust_remote_code=trust_remote_code, revision=revision, seed=seed,
         overwrite=overwrite, backend=backend, backend_python=backend_python, kv_cache=kv_cache)
-    result = run_quantize(args, progress=not json_out)
+    from llmopt.cli.progress import bars
+
+    with bars(not json_out) as progress:
+        result = run_quantize(args, progress=progress)
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return

@@ -16,13 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmopt.errors import LlmoptError
 from llmopt.checkpoint.types import FORMATS, METHODS, QuantArgs
-
-# bits each method accepts (int8/w8a8 are 8-bit by definition; AWQ's search and formats target 4-bit)
-METHOD_BITS: dict[str, tuple[int, ...]] = {"rtn": (2, 3, 4, 8), "gptq": (2, 3, 4, 8), "awq": (4,), "int8": (8,),
-                                           "w8a8": (8,)}
-ProgressFn = Callable[[int, int], None]
+from llmopt.errors import LlmoptError
+from llmopt.progress import Progress
 
 
 @dataclass(slots=True)
@@ -74,17 +70,19 @@ class QuantizeArgs:
             raise LlmoptError(f"unknown --method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.format not in FORMATS:
             raise LlmoptError(f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
-        eight = self.method in ("int8", "w8a8")
+        from llmopt.quant.methods import method_class
+
+        method = method_class(self.method)  # its rules for bits, group size and symmetry
         if self.bits is None:
-            self.bits = 8 if eight else 4
-        if self.bits not in METHOD_BITS[self.method]:
+            self.bits = method.default_bits
+        if self.bits not in method.bits:
             raise LlmoptError(f"--method {self.method} does not support --bits {self.bits}: use "
-                              f"{' or '.join(map(str, METHOD_BITS[self.method]))}")
+                              f"{' or '.join(map(str, method.bits))}")
         if self.group_size is None:
-            self.group_size = -1 if eight else 128
+            self.group_size = method.default_group_size
         if self.sym is None:
-            self.sym = self.method != "awq"
-        if eight and not self.sym:
+            self.sym = method.default_sym
+        if method.symmetric_only and not self.sym:
             raise LlmoptError(f"--method {self.method} is symmetric INT8: drop --asym")
         if self.calib_dtype not in ("auto", "model", "bfloat16"):
             raise LlmoptError(f"--calib-dtype must be auto, model or bfloat16, got {self.calib_dtype!r}")
@@ -188,29 +186,7 @@ def _check_shapes(model, is_target: Callable[[str], bool], qargs: QuantArgs) -> 
     return names
 
 
-def _progress_bar(method: str, enabled: bool | ProgressFn):
-    """(callback, context manager) for rich progress over layers on stderr, or the caller's callback."""
-    import contextlib
-
-    if callable(enabled):
-        return enabled, contextlib.nullcontext()
-    if not enabled:
-        return None, contextlib.nullcontext()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from llmopt.cli.console import err
-
-    bar = Progress(TextColumn(f"[bold]{method}[/] layer"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False)
-    task = bar.add_task(method, total=None)
-
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-
-    return update, bar
-
-
-def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> QuantizeResult:
+def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeResult:
     """Quantize args.model with args.method and write the checkpoint to args.out (atomically)."""
     if args.backend != "llmopt":
         from llmopt.quant.external import run_backend
@@ -225,7 +201,8 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
     from llmopt.models import ModelSpec, check_seq_len, load_model
     from llmopt.checkpoint import formats
     from llmopt.checkpoint.manifest import dir_bytes, write_manifest
-    from llmopt.quant.pipeline import check_finite_weights, quantize_model
+    from llmopt.quant.methods import method_class
+    from llmopt.quant.walk import check_finite_weights, quantize_model
     from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, resolve_dtype
 
     t_all = time.perf_counter()
@@ -244,7 +221,7 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
     if args.evaluate:
         check_seq_len(model.config, "--eval-seq-len", args.eval_seq_len, args.model)
     check_finite_weights(model)
-    if args.method in registry.SCALE_METHODS:
+    if method_class(args.method).folds_scales:
         registry.require(model.config)  # before any heavy work: no scale mappings, no AWQ/SmoothQuant
     converted = convert_conv1d(model)  # GPT-2's Conv1D ([in, out] weights) → exact nn.Linear
     unfused = unfuse_experts(model)  # MoE: fused 3-D expert tensors → per-expert Linears every method quantizes
@@ -270,10 +247,8 @@ def quantize(args: QuantizeArgs, progress: bool | ProgressFn = True) -> Quantize
         t = time.perf_counter()
         kv_scales = kvs.calibrate(model, calib.input_ids, args.kv_cache, device)
         timings["kv_calibrate"] = time.perf_counter() - t
-    callback, bar = _progress_bar(args.method, progress)
-    with bar:
-        result = quantize_model(model, calib.input_ids, args.method, qargs, is_target, device, callback,
-                                calib_dtype=_calib_dtype(args.calib_dtype, dtype, device))
+    result = quantize_model(model, calib.input_ids, args.method, qargs, is_target, device, progress,
+                            calib_dtype=_calib_dtype(args.calib_dtype, dtype, device))
     timings["quantize"] = result.seconds
     ignored = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.qweights]
     kinds = by_kind(set(result.qweights))
@@ -328,8 +303,9 @@ def _kind_counter(model, is_target: Callable[[str], bool], args: QuantizeArgs):
 def _scale_summary(model, method: str) -> dict | None:
     """AWQ/SmoothQuant: per distinct decoder-layer plan, the groups folded and those skipped with the reason."""
     from llmopt.families import registry
+    from llmopt.quant.methods import method_class
 
-    if method not in registry.SCALE_METHODS:
+    if not method_class(method).folds_scales:
         return None
     _, layers, prefix = registry.decoder_layers(model)
     plans: dict[str, dict] = {}

@@ -19,6 +19,8 @@ import torch
 from llmopt.backends import get_spec
 from llmopt.backends.base import BackendSpec, Interpreter, find_interpreter, run_worker
 from llmopt.errors import LlmoptError
+from llmopt.progress import Progress, emit
+from llmopt.utils import dtype_name
 
 
 def check_method_format(spec: BackendSpec, method: str, fmt: str) -> str:
@@ -39,19 +41,11 @@ def _job(args, device: torch.device, dtype: torch.dtype, model_path: Path, calib
             "scratch": str(scratch), "method": args.method, "bits": args.bits, "group_size": args.group_size,
             "sym": args.sym, "act_order": args.act_order, "static_groups": args.static_groups, "damp": args.damp,
             "block_size": args.block_size, "awq_grid": args.awq_grid, "awq_clip": args.awq_clip,
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+            "device": str(device), "dtype": dtype_name(dtype), "threads": torch.get_num_threads()}
 
 
-def _say(progress, msg: str) -> None:
-    if progress:
-        from llmopt.cli.console import err
-
-        err.print(msg, soft_wrap=True)
-
-
-def run_backend(args, progress=True):
-    from rich.markup import escape
-
+def run_backend(args, progress: Progress | None = None):
+    """Quantize with the external backend args.backend; its status lines go out as Event messages."""
     from llmopt.calibration import DataSpec, load_token_batch
     from llmopt.models import ModelSpec, resolve_path
     from llmopt.models.loading import load_tokenizer
@@ -70,8 +64,7 @@ def run_backend(args, progress=True):
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    mspec = ModelSpec(args.model, str(device), str(dtype).removeprefix("torch."), args.trust_remote_code,
-                      args.revision)
+    mspec = ModelSpec(args.model, str(device), dtype_name(dtype), args.trust_remote_code, args.revision)
     model_path = resolve_path(mspec)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     calib = load_token_batch(DataSpec(args.calib, args.split, args.text_field, args.chat_template), tokenizer,
@@ -87,15 +80,16 @@ def run_backend(args, progress=True):
         calib_path = scratch / "calib.json"
         calib_path.write_text(json.dumps(calib.input_ids.tolist()))
         with atomic_dir(args.out, args.overwrite) as tmp:
-            _say(progress, f"[bold]{spec.name}[/] {args.method} W{args.bits} in {escape(interp.python)} "
-                           f"({escape(interp.origin)}) …")
+            emit(progress, f"{spec.name} quantize", message=f"{spec.name} {args.method} W{args.bits} in "
+                                                                   f"{interp.python} ({interp.origin}) …")
             run = run_worker(spec, interp, _job(args, device, dtype, model_path, calib_path, tmp, scratch))
             res = run.result
             timings.update({f"backend_{k}": v for k, v in res["timings"].items()})
             timings["quantize"] = res["timings"]["quantize"]
             timings["backend_process"] = run.seconds
             if res["patches"]:
-                _say(progress, f"[yellow]{escape(res['library'])} ran PATCHED:[/] " + escape("; ".join(res["patches"])))
+                emit(progress, f"{spec.name} quantize",
+                     message=f"{res['library']} ran PATCHED: " + "; ".join(res["patches"]))
             tokenizer.save_pretrained(tmp)  # llmopt's tokenizer files, whatever the library's transformers wrote
             _declare_quantization(tmp, fmt)
             return _finish(args, spec, interp, fmt, res, tmp, model_path, calib, eval_batch, timings, t_all,
@@ -164,7 +158,7 @@ def _evaluate(args, path: Path, model_path: Path, windows: torch.Tensor, device,
     from llmopt.evaluate.quality import measure_quality
     from llmopt.models import ModelSpec, load_model
 
-    d = str(dtype).removeprefix("torch.")
+    d = dtype_name(dtype)
     base = load_model(ModelSpec(str(model_path), str(device), d, args.trust_remote_code))
     quant = load_model(ModelSpec(str(path), str(device), d, args.trust_remote_code))
     q = measure_quality(quant.model, windows, base.model)

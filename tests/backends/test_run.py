@@ -37,8 +37,7 @@ def test_library_checkpoint_lands_in_llmopt_layout(llmopt_checkpoints, tiny_mode
     monkeypatch.setattr(run_mod, "run_worker", fake_worker)
     out = tmp_path / "q"
     res = quantize(QuantizeArgs(model=str(tiny_model_dir), out=out, method="gptq", group_size=32, samples=4,
-                                seq_len=32, eval_samples=2, eval_seq_len=32, device="cpu", backend="auto-gptq"),
-                   progress=False)
+                                seq_len=32, eval_samples=2, eval_seq_len=32, device="cpu", backend="auto-gptq"))
     (job,) = jobs
     assert job["method"] == "gptq" and job["group_size"] == 32 and job["bits"] == 4 and job["device"] == "cpu"
     meta = json.loads((out / "llmopt.json").read_text())
@@ -65,5 +64,5 @@ def test_library_failure_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(run_mod, "run_worker", failing_worker)
     with pytest.raises(LlmoptError, match="boom"):
         quantize(QuantizeArgs(model=str(tiny_model_dir), out=tmp_path / "q", method="gptq", samples=4, seq_len=32,
-                              evaluate=False, device="cpu", backend="auto-gptq"), progress=False)
+                              evaluate=False, device="cpu", backend="auto-gptq"))
     assert list(tmp_path.iterdir()) == []

@@ -166,7 +166,7 @@ def _quantized(family_dirs, tmp_path_factory, family: str, method: str):
         args = QuantizeArgs(model=str(family_dirs(family)), out=out, method=method, format=FORMAT[method],
                             group_size=None if method in ("int8", "w8a8") else 32,
                             **COMMON, **CALIB.get(method, SMALL_CALIB))
-        _RUNS[key] = (quantize(args, progress=False), out)
+        _RUNS[key] = (quantize(args), out)
     return _RUNS[key]
 
 
@@ -302,14 +302,13 @@ def test_architecture_outside_the_registry(tiny_model_dir, tmp_path):
     assert registry.supported_methods(BloomConfig()) == ["rtn", "int8", "gptq"]
     common = dict(model=str(path), group_size=32, samples=4, seq_len=32, eval_samples=2, eval_seq_len=32,
                   device="cpu", calib_dtype="model")
-    res = quantize(QuantizeArgs(out=tmp_path / "gptq", method="gptq", **common), progress=False)
+    res = quantize(QuantizeArgs(out=tmp_path / "gptq", method="gptq", **common))
     assert res.parameters["attention"]["quantized"] == res.parameters["attention"]["targeted"] > 0
     assert res.parameters["mlp"]["quantized"] == res.parameters["mlp"]["targeted"] > 0
     assert math.isfinite(res.metrics["quantized"]["kld_mean"])
     for method in ("awq", "w8a8"):
         with pytest.raises(LlmoptError, match=r"supports llama, .*gpt2.* models, not 'bloom'") as err:
-            quantize(QuantizeArgs(out=tmp_path / method, method=method, **{**common, "group_size": None}),
-                     progress=False)
+            quantize(QuantizeArgs(out=tmp_path / method, method=method, **{**common, "group_size": None}))
         assert "\n" not in str(err.value) and not (tmp_path / method).exists()
 
 

@@ -9,7 +9,7 @@ from tests.helpers.moe_models import MOE_FAMILIES, moe_model
 
 from llmopt.families import moe
 from llmopt.quant.api import target_filter
-from llmopt.quant.pipeline import quantize_model
+from llmopt.quant.walk import quantize_model
 from llmopt.checkpoint.types import QuantArgs
 
 ALL = (*MOE_FAMILIES, "deepseek_v2")
@@ -128,7 +128,7 @@ def _starve_expert_0(model) -> None:
 @pytest.fixture(scope="module")
 def starved_runs():
     """GPTQ, AWQ and RTN on a Mixtral whose expert 0 gets no routed token; the Hessians GPTQ solved with."""
-    import llmopt.quant.pipeline as pipeline
+    import llmopt.quant.methods as methods
 
     calib = _ids(n=8, length=32, seed=1)
     runs = {}
@@ -137,19 +137,19 @@ def starved_runs():
         moe.unfuse_experts(model)
         _starve_expert_0(model)
         hessians: list[tuple[int, torch.Tensor]] = []
-        real = pipeline.gptq_quantize
+        real = methods.gptq_quantize
 
         def spy(w, h, args, _real=real, _log=hessians):
             _log.append((w.shape[0], h.clone()))
             return _real(w, h, args)
 
-        pipeline.gptq_quantize = spy
+        methods.gptq_quantize = spy
         try:
             qargs = QuantArgs(bits=4, group_size=32, sym=method != "awq")
             res = quantize_model(model, calib, method, qargs, target_filter(model, ["Linear"], []),
                                  torch.device("cpu"), batch_size=4)
         finally:
-            pipeline.gptq_quantize = real
+            methods.gptq_quantize = real
         runs[method] = (model, res, hessians)
     return runs
 
@@ -221,7 +221,7 @@ def test_scale_groups_fold_exactly_routers_included(family):
 
 def test_gptq_stacks_experts_in_row_chunks_with_the_same_codes(monkeypatch):
     """All experts' gate/up share one Hessian; stacking them in chunks (bounded memory) gives the same codes."""
-    import llmopt.quant.pipeline as pipeline
+    import llmopt.quant.methods as methods
 
     calib = _ids(n=4, length=32, seed=3)
 
@@ -232,7 +232,7 @@ def test_gptq_stacks_experts_in_row_chunks_with_the_same_codes(monkeypatch):
                               target_filter(model, ["Linear"], []), torch.device("cpu"), batch_size=4).qweights
 
     whole = codes()
-    monkeypatch.setattr(pipeline, "STACK_ROWS", 64)  # one expert Linear per GPTQ call
+    monkeypatch.setattr(methods, "STACK_ROWS", 64)  # one expert Linear per GPTQ call
     chunked = codes()
     assert whole.keys() == chunked.keys()
     for name, w in whole.items():

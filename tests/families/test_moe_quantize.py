@@ -44,7 +44,7 @@ def _quantized(moe_dirs, tmp_path_factory, family: str, method: str):
         args = QuantizeArgs(model=str(moe_dirs[family]), out=out, method=method, format=FORMAT[method],
                             group_size=None if method in ("int8", "w8a8") else 32, samples=8, seq_len=64,
                             eval_samples=4, eval_seq_len=64, device="cpu", calib_dtype="model")
-        _RUNS[key] = (quantize(args, progress=False), out)
+        _RUNS[key] = (quantize(args), out)
     return _RUNS[key]
 
 
@@ -121,9 +121,9 @@ def test_experts_left_fused_is_an_error_not_a_silent_float_run(moe_dirs, tmp_pat
     args = dict(model=str(moe_dirs["mixtral"]), method="rtn", group_size=32, samples=4, seq_len=32, device="cpu",
                 eval_samples=2, eval_seq_len=32)
     with pytest.raises(LlmoptError, match="targeted experts weights would stay float"):
-        quantize(QuantizeArgs(out=tmp_path / "a", **args), progress=False)
+        quantize(QuantizeArgs(out=tmp_path / "a", **args))
     assert not (tmp_path / "a").exists()
-    res = quantize(QuantizeArgs(out=tmp_path / "b", ignore=["re:.*experts.*"], **args), progress=False)
+    res = quantize(QuantizeArgs(out=tmp_path / "b", ignore=["re:.*experts.*"], **args))
     assert res.parameters["experts"]["quantized"] == res.parameters["experts"]["targeted"] == 0
     assert res.parameters["experts"]["total"] > 0 and res.parameters["attention"]["quantized"] > 0
     assert res.evaluated_with == "runtime" and math.isfinite(res.metrics["quantized"]["kld_mean"])

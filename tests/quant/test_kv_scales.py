@@ -24,8 +24,7 @@ def kv_ckpt(tiny_llama_random_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("kv") / "q"
     quantize(QuantizeArgs(model=str(tiny_llama_random_dir), out=out, method="rtn", bits=8, group_size=-1,
-                          samples=SAMPLES, seq_len=SEQ, evaluate=False, device="cpu", kv_cache="fp8"),
-             progress=False)
+                          samples=SAMPLES, seq_len=SEQ, evaluate=False, device="cpu", kv_cache="fp8"))
     return out
 
 

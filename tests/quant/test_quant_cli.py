@@ -82,7 +82,7 @@ def test_nan_weights_refused(nan_model, tmp_path):
 
 
 def test_nan_activations_refused(tiny_model_dir, tmp_path):
-    from llmopt.quant.pipeline import _check_finite
+    from llmopt.quant.walk import _check_finite
     from llmopt.errors import LlmoptError
 
     with pytest.raises(LlmoptError, match="NaN or Inf in the activations"):

@@ -37,7 +37,7 @@ def test_gpt2_with_float_conv1d_reloads(tiny_model_dir, tmp_path):
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(src)
     res = quantize(QuantizeArgs(model=str(src), out=tmp_path / "q", method="rtn", group_size=32, samples=4,
                                 seq_len=32, eval_samples=2, eval_seq_len=32, device="cpu", calib_dtype="model",
-                                ignore=["re:.*mlp\\.c_proj"]), progress=False)
+                                ignore=["re:.*mlp\\.c_proj"]))
     assert res.evaluated_with == "runtime" and 0 < res.metrics["quantized"]["kld_mean"] < 1e-2
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         assert f.get_slice("transformer.h.0.mlp.c_proj.weight").get_shape() == [128, 64]  # Conv1D [in, out]

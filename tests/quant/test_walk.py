@@ -9,7 +9,8 @@ from llmopt.calibration import DataSpec, load_token_batch
 from llmopt.evaluate.quality import measure_quality
 from llmopt.models import ModelSpec, load_model
 from llmopt.quant.api import target_filter
-from llmopt.quant.pipeline import act_quant_hooks, quantize_model
+from llmopt.quant.reference import act_quant_hooks
+from llmopt.quant.walk import quantize_model
 from llmopt.checkpoint.types import QuantArgs
 
 CPU = torch.device("cpu")
@@ -89,13 +90,13 @@ def test_lm_head_only_when_named(tiny_qwen2_dir, data):
 @pytest.mark.parametrize("method,sym", [("gptq", True), ("awq", False), ("w8a8", True)])
 def test_unchecked_batches_stop_early_with_identical_codes(tiny_model_dir, data, monkeypatch, method, sym):
     """Past the checked batches the stats pass stops after the last collector: the codes must not change."""
-    import llmopt.quant.pipeline as pipeline
+    import llmopt.quant.walk as walk
 
     calib, _ = data
     qargs = QuantArgs(bits=8 if method == "w8a8" else 4, group_size=-1 if method == "w8a8" else 32, sym=sym)
 
     def codes(check_tokens: int):
-        monkeypatch.setattr(pipeline, "CHECK_TOKENS", check_tokens)
+        monkeypatch.setattr(walk, "CHECK_TOKENS", check_tokens)
         model = load_model(ModelSpec(str(tiny_model_dir), "cpu", "float32")).model
         return quantize_model(model, calib, method, qargs, target_filter(model, ["Linear"], []), CPU, batch_size=8)
 
@@ -117,13 +118,13 @@ def _quantize(path, calib, method, qargs, ignore=(), **kw):
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen2_dir"])
 def test_staged_gptq_matches_layer_and_beats_rtn(request, data, fixture):
     """The sublayer cut reproduces the float layer; true-sequential GPTQ is as good as the two-pass one."""
-    from llmopt.quant.pipeline import _SublayerStages, capture_inputs
+    from llmopt.quant.walk import SublayerStages, capture_inputs
 
     path = request.getfixturevalue(fixture)
     calib, test = data
     model = load_model(ModelSpec(str(path), "cpu", "float32")).model
     batch = capture_inputs(model, calib[:4], 4, CPU)[0]
-    assert _SublayerStages.fits(model.model.layers[0], batch)
+    assert SublayerStages.fits(model.model.layers[0], batch)
     qargs = QuantArgs(bits=4, group_size=32)
     base = load_model(ModelSpec(str(path), "cpu", "float32")).model
     kld = {}
@@ -136,11 +137,11 @@ def test_staged_gptq_matches_layer_and_beats_rtn(request, data, fixture):
 
 def test_staged_recomputes_mlp_inputs_identically(tiny_model_dir, data, monkeypatch):
     """down_proj's inputs kept between its Hessian and its forward, or recomputed: same codes, same outputs."""
-    import llmopt.quant.pipeline as pipeline
+    import llmopt.quant.walk as walk
 
     calib, _ = data
     kept, _ = _quantize(tiny_model_dir, calib, "gptq", QuantArgs(bits=4, group_size=32))
-    monkeypatch.setattr(pipeline, "KEEP_MLP_BYTES", 0)
+    monkeypatch.setattr(walk, "KEEP_MLP_BYTES", 0)
     recomputed, _ = _quantize(tiny_model_dir, calib, "gptq", QuantArgs(bits=4, group_size=32))
     for name, w in kept.qweights.items():
         assert torch.equal(w.qweight, recomputed.qweights[name].qweight), name
@@ -200,7 +201,7 @@ def test_sublayer_cut_fits_qwen3_and_mistral(tiny_model_dir, tmp_path, family):
     way; staged GPTQ beats RTN in every layer there too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen3Config
 
-    from llmopt.quant.pipeline import _SublayerStages, capture_inputs
+    from llmopt.quant.walk import SublayerStages, capture_inputs
 
     common = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
@@ -210,6 +211,6 @@ def test_sublayer_cut_fits_qwen3_and_mistral(tiny_model_dir, tmp_path, family):
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / family)
     ids = torch.randint(0, 1024, (16, 64))
     model = load_model(ModelSpec(str(tmp_path / family), "cpu", "float32")).model
-    assert _SublayerStages.fits(model.model.layers[0], capture_inputs(model, ids[:4], 4, CPU)[0])
+    assert SublayerStages.fits(model.model.layers[0], capture_inputs(model, ids[:4], 4, CPU)[0])
     res, _ = _quantize(tmp_path / family, ids, "gptq", QuantArgs(bits=4, group_size=32))
     assert all(r.error < r.rtn_error for r in res.layers)
