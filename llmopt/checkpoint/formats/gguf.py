@@ -142,7 +142,9 @@ def exact_blocks(qw: QuantizedWeight, qtype: str) -> Blocks | None:
 
 def requantize(w: torch.Tensor, qtype: str) -> Blocks:
     """Round-to-nearest per 32-column block of the float target w [out, in], with the fp16 scale the block
-    stores; Q4_0 and Q8_0 also try a few shrunken scales per block and keep the lowest squared error."""
+    stores. Q4_0/Q8_0 try scales that put the block's largest magnitude on the most negative code (llama.cpp's
+    rule; the code range is asymmetric) or on the most positive one, each shrunk a little, and keep the lowest
+    squared error per block."""
     x = w.to(torch.float32).view(w.shape[0], -1, BLOCK)  # [out, n_blocks, 32]
     if qtype == "Q4_1":
         lo, hi = x.amin(-1), x.amax(-1)  # [out, n_blocks]
@@ -151,15 +153,17 @@ def requantize(w: torch.Tensor, qtype: str) -> Blocks:
         codes = ((x - m.float().unsqueeze(-1)) / d.float().unsqueeze(-1)).round().clamp(0, 15)
         return Blocks(qtype, codes.to(torch.int16), d, m)
     qmin, qmax, offset = (-8, 7, 8) if qtype == "Q4_0" else (-128, 127, 0)
-    amax = x.abs().amax(-1).clamp_min(1e-12)  # [out, n_blocks]
-    best_err = torch.full_like(amax, float("inf"))
-    best_d = torch.zeros_like(amax)
-    for shrink in torch.linspace(1.0, 0.7, 13).tolist():
-        d = (amax * shrink / (-qmin)).half().float().clamp_min(6e-8)  # [out, n_blocks]
-        c = (x / d.unsqueeze(-1)).round().clamp(qmin, qmax)
-        err = ((c * d.unsqueeze(-1) - x) ** 2).sum(-1)
-        better = err < best_err
-        best_err, best_d = torch.where(better, err, best_err), torch.where(better, d, best_d)
+    signed_max = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)  # [out, n_blocks]
+    best_err = torch.full_like(signed_max, float("inf"))
+    best_d = torch.ones_like(signed_max)
+    for shrink in torch.linspace(1.0, 0.8, 9).tolist():
+        for d in (signed_max * shrink / qmin, signed_max.abs() * shrink / qmax):
+            d = d.half().float()
+            d = torch.where(d.abs() < 6e-8, torch.full_like(d, 6e-8), d)  # an all-zero block: any scale
+            c = (x / d.unsqueeze(-1)).round().clamp(qmin, qmax)
+            err = ((c * d.unsqueeze(-1) - x) ** 2).sum(-1)
+            better = err < best_err
+            best_err, best_d = torch.where(better, err, best_err), torch.where(better, d, best_d)
     codes = (x / best_d.unsqueeze(-1)).round().clamp(qmin, qmax) + offset
     return Blocks(qtype, codes.to(torch.int16), best_d.half())
 
@@ -291,9 +295,6 @@ def _row_order(hub_name: str, config: dict, arch: Arch) -> torch.Tensor | None:
 def convert_quantized(hub_name: str, qw: QuantizedWeight, order: torch.Tensor | None) -> Converted:
     """A quantized Linear's weight as GGML blocks: its own codes where exact, requantized where not."""
     gguf = _gguf()
-    n_out, n_in = qw.shape
-    if n_in % BLOCK:
-        raise LlmoptError(f"{hub_name}: {n_in} input columns is not a multiple of {BLOCK}, which GGUF blocks need")
     qtype = qtype_for(qw)
     blocks = exact_blocks(qw, qtype)
     how = "exact"
@@ -338,6 +339,11 @@ def read_any(path: Path) -> Checkpoint:
 
 def convert_all(ckpt: Checkpoint, arch: Arch, float_type: str, progress: Progress | None) -> list[Converted]:
     """Every tensor of the checkpoint in GGUF form, in the hub's layer order."""
+    for hub_name, qw in ckpt.qweights.items():  # refuse before any work is reported
+        qtype_for(qw)
+        if qw.shape[1] % BLOCK:
+            raise LlmoptError(f"{hub_name}: {qw.shape[1]} input columns is not a multiple of {BLOCK}, which GGUF "
+                              f"blocks need")
     counter = Counter(progress, "gguf tensor", len(ckpt.qweights) + len(ckpt.tensors))
     out: list[Converted] = []
     for hub_name, qw in ckpt.qweights.items():

@@ -1,0 +1,217 @@
+"""GGUF export: the blocks gguf's own reader dequantizes equal llmopt's dequantized weights (scale in fp16), the
+Q/K rows are in llama.cpp's order, the metadata and tokenizer are there, and bad input fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tests.helpers.rtn import quantize_model, rtn
+from typer.testing import CliRunner
+
+gguf = pytest.importorskip("gguf")
+
+from llmopt.checkpoint.formats import write_checkpoint  # noqa: E402
+from llmopt.checkpoint.formats.gguf import export_gguf, qk_row_order  # noqa: E402
+from llmopt.checkpoint.types import QuantArgs  # noqa: E402
+from llmopt.cli.main import app  # noqa: E402
+
+N_HEAD, N_KV, HEAD_DIM = 4, 2, 32
+
+
+def _vocab_size(tokenizer_dir) -> int:
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    return max([*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])]) + 1
+
+
+def _model(arch: str, vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=N_HEAD, num_key_value_heads=N_KV, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common, head_dim=HEAD_DIM, tie_word_embeddings=False)).eval()
+
+
+def _write(out, model, qweights, tokenizer_dir, fmt="compressed-tensors", method="rtn", args=None):
+    out.mkdir()
+    write_checkpoint(fmt, model, qweights, out, args or QuantArgs(bits=4, group_size=32), method, [])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def _gguf_weights(path) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, dequantized by the gguf package, as [rows, cols] float32 (GGUF order)."""
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = torch.from_numpy(w.copy()).float().reshape([int(n) for n in reversed(t.shape)])
+    return out
+
+
+def _hub_rows(gguf_name: str, w: torch.Tensor, arch: str) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation so the rows are the hub's again."""
+    if arch != "llama" or not gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        return w
+    heads = N_HEAD if "attn_q" in gguf_name else N_KV
+    return w[torch.argsort(qk_row_order(w.shape[0], heads))]
+
+
+def _fp16_scale_reference(qw) -> torch.Tensor:
+    """What the block stores: (q - zero) * fp16(scale), or q * fp16(scale) + fp16(-zero * scale) for Q4_1."""
+    g = qw.group_index()
+    q, z, s = qw.qweight.float(), qw.zeros.float()[:, g], qw.scales.float()[:, g]
+    if qw.sym:
+        return (q - z) * s.half().float()
+    return q * s.half().float() + (-z * s).half().float()
+
+
+def _gguf_name(module: str) -> str:
+    layer, rest = module.removeprefix("model.layers.").split(".", 1)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    return f"blk.{layer}.{names[rest]}.weight"
+
+
+EXACT = [  # bits, group size, sym, GGML type
+    (4, 32, True, gguf.GGMLQuantizationType.Q4_0),
+    (4, 128, True, gguf.GGMLQuantizationType.Q4_0),  # a group of 128 is four whole blocks: still exact
+    (4, 64, False, gguf.GGMLQuantizationType.Q4_1),
+    (8, 32, True, gguf.GGMLQuantizationType.Q8_0),
+    (8, -1, True, gguf.GGMLQuantizationType.Q8_0),  # per-channel int8: one scale for every block of the row
+]
+
+
+@pytest.mark.parametrize("bits,group_size,sym,qtype", EXACT)
+def test_exact_mappings_equal_llmopt_dequantized(tmp_path, tiny_model_dir, bits, group_size, sym, qtype):
+    model = _model("llama", _vocab_size(tiny_model_dir))
+    qweights = quantize_model(model, bits=bits, group_size=group_size, sym=sym)
+    ckpt = _write(tmp_path / "ckpt", model, qweights, tiny_model_dir,
+                  method="int8" if bits == 8 else "rtn", args=QuantArgs(bits=bits, group_size=group_size, sym=sym))
+    result = export_gguf(ckpt, tmp_path / "m.gguf")
+    assert not result.requantized
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    weights = _gguf_weights(tmp_path / "m.gguf")
+    for module, qw in qweights.items():
+        name = _gguf_name(module)
+        assert types[name] == qtype
+        torch.testing.assert_close(_hub_rows(name, weights[name], "llama"), _fp16_scale_reference(qw),
+                                   rtol=1e-6, atol=1e-7)
+    # float tensors: norms in F32 exactly, the head in F16
+    sd = model.state_dict()
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    torch.testing.assert_close(weights["blk.1.ffn_norm.weight"], sd["model.layers.1.post_attention_layernorm.weight"])
+    torch.testing.assert_close(weights["output.weight"], sd["lm_head.weight"].half().float())
+
+
+def test_qk_row_order_is_llama_cpp_permute():
+    """llama.cpp's converter: reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2) — written here
+    independently of the index form the exporter uses."""
+    w = torch.randn(N_KV * HEAD_DIM, 8)
+    theirs = w.reshape(N_KV, 2, HEAD_DIM // 2, 8).swapaxes(1, 2).reshape(w.shape)
+    assert torch.equal(w[qk_row_order(w.shape[0], N_KV)], theirs)
+
+
+def test_act_order_is_requantized_close_to_target(tmp_path, tiny_model_dir):
+    model = _model("llama", _vocab_size(tiny_model_dir))
+    torch.manual_seed(1)
+    qweights = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            n_in = m.weight.shape[1]
+            g_idx = (torch.randperm(n_in) // 32).to(torch.int32)  # act-order: a block spans several groups
+            qweights[name] = rtn(m.weight.detach(), 4, 32, True, g_idx=g_idx)
+    ckpt = _write(tmp_path / "ckpt", model, qweights, tiny_model_dir, fmt="gptq", method="gptq",
+                  args=QuantArgs(bits=4, group_size=32, act_order=True))
+    result = export_gguf(ckpt, tmp_path / "m.gguf")
+    assert sorted(result.requantized) == sorted(_gguf_name(n) for n in qweights)
+    weights = _gguf_weights(tmp_path / "m.gguf")
+    for module, qw in qweights.items():
+        target = qw.dequantize()  # [out, in]
+        got = _hub_rows(_gguf_name(module), weights[_gguf_name(module)], "llama")
+        assert ((got - target).norm() / target.norm()).item() < 0.15, module
+        # never worse than llama.cpp's own Q4_0 rule (d = signed max / -8, round, clamp)
+        x = target.view(target.shape[0], -1, 32)
+        signed_max = x.gather(-1, x.abs().argmax(-1, keepdim=True))
+        d = (signed_max / -8).half().float()
+        ref = ((x / d).round().clamp(-8, 7) * d).view_as(target)
+        assert (got - target).norm() <= (ref - target).norm() * 1.001, module
+
+
+def test_metadata_and_tokenizer(tmp_path, tiny_model_dir):
+    model = _model("llama", _vocab_size(tiny_model_dir))
+    ckpt = _write(tmp_path / "ckpt", model, quantize_model(model), tiny_model_dir)
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    expect = {"general.architecture": "llama", "llama.block_count": 2, "llama.context_length": 256,
+              "llama.embedding_length": 128, "llama.feed_forward_length": 256, "llama.attention.head_count": N_HEAD,
+              "llama.attention.head_count_kv": N_KV, "llama.rope.dimension_count": HEAD_DIM,
+              "llama.rope.freq_base": 10000.0, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+              "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": True,
+              "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q4_0)}
+    for key, value in expect.items():
+        assert fields[key] == pytest.approx(value) if isinstance(value, float) else fields[key] == value, key
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(model.config.rms_norm_eps)
+    tok = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert all(tokens[i] == t for t, i in tok["model"]["vocab"].items())
+    assert fields["tokenizer.ggml.merges"][0] == " ".join(tok["model"]["merges"][0])
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[1] == gguf.TokenType.CONTROL and types[100] == gguf.TokenType.NORMAL
+
+
+def test_qwen2_biases_no_permutation_tied_head(tmp_path, tiny_model_dir):
+    model = _model("qwen2", _vocab_size(tiny_model_dir))
+    qweights = quantize_model(model)
+    ckpt = _write(tmp_path / "ckpt", model, qweights, tiny_model_dir)
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    weights = _gguf_weights(tmp_path / "m.gguf")
+    fields = {name: f.contents() for name, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    assert fields["general.architecture"] == "qwen2" and fields["tokenizer.ggml.pre"] == "qwen2"
+    torch.testing.assert_close(weights["blk.0.attn_q.weight"],
+                               _fp16_scale_reference(qweights["model.layers.0.self_attn.q_proj"]))
+    torch.testing.assert_close(weights["blk.1.attn_k.bias"], model.model.layers[1].self_attn.k_proj.bias.detach())
+    assert "output.weight" not in weights  # tied: llama.cpp reuses token_embd
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["export", *map(str, args)])
+
+
+def test_missing_path_is_one_line_exit_2(tmp_path):
+    r = _cli(tmp_path / "nope", "--out", tmp_path / "m.gguf")
+    assert r.exit_code == 2 and "does not exist" in r.output and len(r.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_w8a8_cannot_map(tmp_path, tiny_model_dir):
+    model = _model("llama", _vocab_size(tiny_model_dir))
+    ckpt = _write(tmp_path / "ckpt", model, quantize_model(model, bits=8, group_size=-1, act_bits=8),
+                  tiny_model_dir, method="w8a8", args=QuantArgs(bits=8, group_size=-1))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = _cli(ckpt, "--out", out_dir / "m.gguf")
+    assert r.exit_code == 2 and "W8A8" in r.output and len(r.output.strip().splitlines()) == 1
+    assert list(out_dir.iterdir()) == []
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, tiny_model_dir):
+    """The tokenizer is read inside the file writer: its absence must not leave a half-written file."""
+    model = _model("llama", _vocab_size(tiny_model_dir))
+    ckpt = _write(tmp_path / "ckpt", model, quantize_model(model), tiny_model_dir)
+    (ckpt / "tokenizer.json").unlink()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = _cli(ckpt, "--out", out_dir / "m.gguf")
+    assert r.exit_code == 2 and "tokenizer.json" in r.output
+    assert list(out_dir.iterdir()) == []
