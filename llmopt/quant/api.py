@@ -186,24 +186,33 @@ def _check_shapes(model, is_target: Callable[[str], bool], qargs: QuantArgs) -> 
     return names
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """The float model loaded on the CPU and made quantizable, with what the run targets."""
+
+    model: nn.Module
+    tokenizer: object
+    path: Path
+    converted: list[str]  # Conv1D modules turned into nn.Linear
+    unfused: list[str]  # fused MoE expert modules split per expert
+    is_target: Callable[[str], bool]
+    names: list[str]  # the targeted Linears
+    by_kind: Callable[[set[str]], dict]  # quantized names → parameter counts by kind
+
+
 def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeResult:
-    """Quantize args.model with args.method and write the checkpoint to args.out (atomically)."""
+    """Quantize args.model with args.method and write the checkpoint to args.out (atomically).
+
+    progress: one Event per quantized layer (task "<method> layer"), or external backends' status messages."""
     if args.backend != "llmopt":
         from llmopt.quant.external import run_backend
 
         return run_backend(args, progress)
 
-    from llmopt.calibration import DataSpec, load_token_batch
-    from llmopt.families import registry
-    from llmopt.families.linear_like import convert_conv1d
-    from llmopt.families.moe import unfuse_experts
-    from llmopt.quant.accounting import check_all_targeted_quantized
-    from llmopt.models import ModelSpec, check_seq_len, load_model
     from llmopt.checkpoint import formats
-    from llmopt.checkpoint.manifest import dir_bytes, write_manifest
-    from llmopt.quant.methods import method_class
-    from llmopt.quant.walk import check_finite_weights, quantize_model
-    from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, resolve_dtype
+    from llmopt.quant.accounting import check_all_targeted_quantized
+    from llmopt.quant.walk import quantize_model
+    from llmopt.utils import check_out_dir, resolve_device, resolve_dtype
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -214,30 +223,10 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
     dtype = resolve_dtype(args.dtype, device)
 
     t = time.perf_counter()
-    # the model stays on the CPU; the pipeline moves one layer at a time to the device
-    loaded = load_model(ModelSpec(args.model, "cpu", dtype_name(dtype), args.trust_remote_code, args.revision))
-    model, tokenizer = loaded.model, loaded.tokenizer
-    check_seq_len(model.config, "--seq-len", args.seq_len, args.model)
-    if args.evaluate:
-        check_seq_len(model.config, "--eval-seq-len", args.eval_seq_len, args.model)
-    check_finite_weights(model)
-    if method_class(args.method).folds_scales:
-        registry.require(model.config)  # before any heavy work: no scale mappings, no AWQ/SmoothQuant
-    converted = convert_conv1d(model)  # GPT-2's Conv1D ([in, out] weights) → exact nn.Linear
-    unfused = unfuse_experts(model)  # MoE: fused 3-D expert tensors → per-expert Linears every method quantizes
-    is_target = target_filter(model, args.targets, args.ignore)
-    names = _check_shapes(model, is_target, qargs)
-    by_kind = _kind_counter(model, is_target, args)
-    check_all_targeted_quantized(by_kind(set(names)))  # before the long part: nothing targeted may stay float
+    prepared = _prepare(args, qargs, dtype)
     timings["load"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    calib = load_token_batch(DataSpec(args.calib, args.split, args.text_field, args.chat_template), tokenizer,
-                             args.samples, args.seq_len, args.seed, "calib")
-    eval_batch = None
-    if args.evaluate:  # before quantizing: a too-short eval set must fail before the long part
-        eval_batch = load_token_batch(DataSpec(args.eval_data), tokenizer, args.eval_samples, args.eval_seq_len,
-                                      args.seed, "test")
+    calib, eval_batch = _load_data(args, prepared.tokenizer)
     timings["data"] = time.perf_counter() - t
 
     kv_scales = None
@@ -245,49 +234,89 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
         from llmopt.quant import kv_scales as kvs
 
         t = time.perf_counter()
-        kv_scales = kvs.calibrate(model, calib.input_ids, args.kv_cache, device)
+        kv_scales = kvs.calibrate(prepared.model, calib.input_ids, args.kv_cache, device)
         timings["kv_calibrate"] = time.perf_counter() - t
-    result = quantize_model(model, calib.input_ids, args.method, qargs, is_target, device, progress,
-                            calib_dtype=_calib_dtype(args.calib_dtype, dtype, device))
+    result = quantize_model(prepared.model, calib.input_ids, args.method, qargs, prepared.is_target, device,
+                            progress, calib_dtype=_calib_dtype(args.calib_dtype, dtype, device))
     timings["quantize"] = result.seconds
-    ignored = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.qweights]
-    kinds = by_kind(set(result.qweights))
+    kinds = prepared.by_kind(set(result.qweights))
     check_all_targeted_quantized(kinds)
-    parameters = {k: c.to_dict() for k, c in kinds.items()}
+    return _write(args, prepared, result, kinds, kv_scales, calib, eval_batch, device, dtype, timings, t_all)
 
-    calibration = {"source": calib.source, "split": calib.split, "samples": args.samples, "seq_len": args.seq_len,
-                   "seed": calib.seed, "sha256": calib.sha256}
+
+def _prepare(args: QuantizeArgs, qargs: QuantArgs, dtype: torch.dtype) -> _Prepared:
+    """Load the float model on the CPU (the walk moves one layer at a time to the device), check it, and turn
+    every targeted weight into a per-module nn.Linear; fails before any heavy work."""
+    from llmopt.families import registry
+    from llmopt.families.linear_like import convert_conv1d
+    from llmopt.families.moe import unfuse_experts
+    from llmopt.models import ModelSpec, check_seq_len, load_model
+    from llmopt.quant.accounting import check_all_targeted_quantized
+    from llmopt.quant.methods import method_class
+    from llmopt.quant.walk import check_finite_weights
+    from llmopt.utils import dtype_name
+
+    loaded = load_model(ModelSpec(args.model, "cpu", dtype_name(dtype), args.trust_remote_code, args.revision))
+    model = loaded.model
+    check_seq_len(model.config, "--seq-len", args.seq_len, args.model)
+    if args.evaluate:
+        check_seq_len(model.config, "--eval-seq-len", args.eval_seq_len, args.model)
+    check_finite_weights(model)
+    if method_class(args.method).folds_scales:
+        registry.require(model.config)  # no scale mappings, no AWQ/SmoothQuant
+    converted = convert_conv1d(model)  # GPT-2's Conv1D ([in, out] weights) → exact nn.Linear
+    unfused = unfuse_experts(model)  # MoE: fused 3-D expert tensors → per-expert Linears every method quantizes
+    is_target = target_filter(model, args.targets, args.ignore)
+    names = _check_shapes(model, is_target, qargs)
+    by_kind = _kind_counter(model, is_target, args)
+    check_all_targeted_quantized(by_kind(set(names)))  # before the long part: nothing targeted may stay float
+    return _Prepared(model, loaded.tokenizer, loaded.path, converted, unfused, is_target, names, by_kind)
+
+
+def _load_data(args: QuantizeArgs, tokenizer):
+    """(calibration batch, eval batch or None); the eval set loads before quantizing so a too-short one fails
+    before the long part."""
+    from llmopt.calibration import DataSpec, load_token_batch
+
+    calib = load_token_batch(DataSpec(args.calib, args.split, args.text_field, args.chat_template), tokenizer,
+                             args.samples, args.seq_len, args.seed, "calib")
+    eval_batch = None
+    if args.evaluate:
+        eval_batch = load_token_batch(DataSpec(args.eval_data), tokenizer, args.eval_samples, args.eval_seq_len,
+                                      args.seed, "test")
+    return calib, eval_batch
+
+
+def _write(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_scales, calib, eval_batch,
+           device: torch.device, dtype: torch.dtype, timings: dict, t_all: float) -> QuantizeResult:
+    """The format writer into the atomic temp dir, then the shared finish step (quant/finish.py)."""
+    from llmopt.checkpoint import formats
+    from llmopt.quant.finish import (FloatSource, Written, calibration_record, evaluate_written,
+                                     write_quant_manifest)
+    from llmopt.utils import atomic_dir
+
+    model, qargs = prepared.model, args.quant_args()
+    ignored = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.qweights]
+    parameters = {k: c.to_dict() for k, c in kinds.items()}
+    calibration = calibration_record(args, calib)
+    source = FloatSource(args.model, prepared.path, args.model, args.revision)
+    kv_info = None if kv_scales is None else kv_scales.to_dict()
     with atomic_dir(args.out, args.overwrite) as tmp:
         t = time.perf_counter()
         formats.write_checkpoint(args.format, model, result.qweights, tmp, qargs, args.method, ignored,
                                  kv_scales=kv_scales)
-        tokenizer.save_pretrained(tmp)
         timings["write"] = time.perf_counter() - t
-        metrics: dict = {"size_bytes": dir_bytes(tmp), "float_size_bytes": dir_bytes(loaded.path)}
-        evaluated_with = None
-        if eval_batch is not None:
-            t = time.perf_counter()
-            quality, evaluated_with = _evaluate(args, tmp, eval_batch.input_ids, device, dtype)
-            metrics.update(quality)
-            metrics["eval"] = {"source": eval_batch.source, "split": eval_batch.split, "samples": args.eval_samples,
-                               "seq_len": args.eval_seq_len, "sha256": eval_batch.sha256}
-            timings["evaluate"] = time.perf_counter() - t
+        metrics, evaluated_with = evaluate_written(args, tmp, prepared.tokenizer, source, eval_batch, device, dtype,
+                                                   timings)
         timings["total"] = time.perf_counter() - t_all
         layers = [r.to_dict() for r in result.layers]
-        moe_info = _moe_summary(model, unfused, layers)
-        res = QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
-                             metrics, evaluated_with, len(names), moe_info, parameters,
-                             None if kv_scales is None else kv_scales.to_dict())
-        write_manifest(tmp, "quantized", {
-            "base_model": {"name": args.model, "path": str(loaded.path)},
-            "method": args.method, "format": args.format, "args": args.to_dict(), "quant_args": asdict(qargs),
-            "calibration": calibration, "timings": timings, "layers": layers, "metrics": metrics,
-            "evaluated_with": evaluated_with, "quantized_modules": len(names), "ignored_modules": ignored,
-            "moe": moe_info, "parameters_by_kind": parameters, "conv1d_as_linear": converted,
-            "scale_migration": _scale_summary(model, args.method),
-            "kv_cache": None if kv_scales is None else kv_scales.to_dict(),
-        })
-    return res
+        moe_info = _moe_summary(model, prepared.unfused, layers)
+        written = Written(args.format, asdict(qargs), layers, len(prepared.names), ignored, {
+            "moe": moe_info, "parameters_by_kind": parameters, "conv1d_as_linear": prepared.converted,
+            "scale_migration": _scale_summary(model, args.method), "kv_cache": kv_info})
+        write_quant_manifest(tmp, args, source, written, calibration, timings, metrics, evaluated_with)
+    return QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
+                          metrics, evaluated_with, len(prepared.names), moe_info, parameters, kv_info)
 
 
 def _kind_counter(model, is_target: Callable[[str], bool], args: QuantizeArgs):
@@ -348,19 +377,3 @@ def _calib_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> t
     if device.type == "cuda" and not fast_bf16(device):
         raise LlmoptError("--calib-dtype bfloat16: this GPU has no bfloat16 support; use --calib-dtype model")
     return torch.bfloat16
-
-
-@torch.inference_mode()
-def _evaluate(args: QuantizeArgs, path: Path, windows: torch.Tensor, device: torch.device,
-              dtype: torch.dtype) -> tuple[dict, str]:
-    """Quality of the written checkpoint, reloaded through llmopt's runtime (what users will run), and of the
-    float model, on the same windows."""
-    from llmopt.evaluate.quality import measure_quality
-    from llmopt.models import ModelSpec, load_model
-    from llmopt.utils import dtype_name
-
-    base = load_model(ModelSpec(args.model, str(device), dtype_name(dtype), args.trust_remote_code, args.revision))
-    quant = load_model(ModelSpec(str(path), str(device), dtype_name(dtype), args.trust_remote_code)).model
-    q = measure_quality(quant, windows, base.model)
-    f = measure_quality(base.model, windows)
-    return {"float": f.to_dict(), "quantized": q.to_dict()}, "runtime"

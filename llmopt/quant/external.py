@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -90,10 +91,9 @@ def run_backend(args, progress: Progress | None = None):
             if res["patches"]:
                 emit(progress, f"{spec.name} quantize",
                      message=f"{res['library']} ran PATCHED: " + "; ".join(res["patches"]))
-            tokenizer.save_pretrained(tmp)  # llmopt's tokenizer files, whatever the library's transformers wrote
             _declare_quantization(tmp, fmt)
-            return _finish(args, spec, interp, fmt, res, tmp, model_path, calib, eval_batch, timings, t_all,
-                           device, dtype)
+            return _finish(args, spec, interp, fmt, res, tmp, model_path, tokenizer, calib, eval_batch, timings,
+                           t_all, device, dtype)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -115,55 +115,41 @@ def _declare_quantization(path: Path, fmt: str) -> None:
             cfg_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _finish(args, spec: BackendSpec, interp: Interpreter, fmt: str, res: dict, tmp: Path, model_path: Path, calib,
-            eval_batch, timings: dict, t_all: float, device: torch.device, dtype: torch.dtype):
-    """Read back, evaluate and describe the library's checkpoint in `tmp`; the QuantizeResult."""
+def _finish(args, spec: BackendSpec, interp: Interpreter, fmt: str, res: dict, tmp: Path, model_path: Path,
+            tokenizer, calib, eval_batch, timings: dict, t_all: float, device: torch.device, dtype: torch.dtype):
+    """Read back the library's checkpoint in `tmp`, then llmopt's shared finish step (quant/finish.py): tokenizer,
+    evaluation, llmopt.json. The QuantizeResult."""
     from llmopt.checkpoint.formats import read_checkpoint
-    from llmopt.checkpoint.manifest import dir_bytes, write_manifest
     from llmopt.quant.api import QuantizeResult
+    from llmopt.quant.finish import FloatSource, Written, calibration_record, evaluate_written, write_quant_manifest
 
     _, qweights, _ = read_checkpoint(tmp)  # llmopt must read what the library wrote
-    metrics: dict = {"size_bytes": dir_bytes(tmp), "float_size_bytes": dir_bytes(model_path)}
-    evaluated_with = None
-    if eval_batch is not None:
-        t = time.perf_counter()
-        metrics.update(_evaluate(args, tmp, model_path, eval_batch.input_ids, device, dtype))
-        metrics["eval"] = {"source": eval_batch.source, "split": eval_batch.split, "samples": args.eval_samples,
-                           "seq_len": args.eval_seq_len, "sha256": eval_batch.sha256}
-        timings["evaluate"] = time.perf_counter() - t
-        evaluated_with = "runtime"
+    source = FloatSource(args.model, model_path, str(model_path))
+    metrics, evaluated_with = evaluate_written(args, tmp, tokenizer, source, eval_batch, device, dtype, timings)
     timings["total"] = time.perf_counter() - t_all
-    calibration = {"source": calib.source, "split": calib.split, "samples": args.samples, "seq_len": args.seq_len,
-                   "seed": calib.seed, "sha256": calib.sha256}
+    calibration = calibration_record(args, calib)
+    patched = bool(res["patches"])
     backend = {"name": spec.name, "library": res["library"], "python": interp.python, "origin": interp.origin,
-               "versions": res.get("versions", {}), "patched": bool(res["patches"]), "patches": res["patches"],
+               "versions": res.get("versions", {}), "patched": patched, "patches": res["patches"],
                "library_config": res.get("library_config", {})}
-    quant_args = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "damp": args.damp,
-                  "act_order": args.act_order, "static_groups": args.static_groups, "backend": spec.name,
-                  "library": res["library"], "patched": bool(res["patches"])}
-    write_manifest(tmp, "quantized", {
-        "base_model": {"name": args.model, "path": str(model_path)},
-        "method": args.method, "format": fmt, "backend": spec.name, "library": res["library"],
-        "patched": bool(res["patches"]), "patches": res["patches"], "backend_info": backend,
-        "args": args.to_dict(), "quant_args": quant_args, "calibration": calibration, "timings": timings,
-        "layers": [], "metrics": metrics, "evaluated_with": evaluated_with, "quantized_modules": len(qweights),
-    })
+    quant_args = {**asdict(args.quant_args()), "backend": spec.name, "library": res["library"], "patched": patched}
+    written = Written(fmt, quant_args, [], len(qweights), _float_linears(args, model_path, qweights), {
+        "backend": spec.name, "library": res["library"], "patched": patched, "patches": res["patches"],
+        "backend_info": backend})
+    write_quant_manifest(tmp, args, source, written, calibration, timings, metrics, evaluated_with)
     return QuantizeResult(Path(args.out), args.method, fmt, quant_args, calibration, timings, [], metrics,
                           evaluated_with, len(qweights))
 
 
-@torch.inference_mode()
-def _evaluate(args, path: Path, model_path: Path, windows: torch.Tensor, device, dtype) -> dict:
-    """The written checkpoint through llmopt's runtime vs the float model, on the same windows."""
-    from llmopt.evaluate.quality import measure_quality
-    from llmopt.models import ModelSpec, load_model
+def _float_linears(args, model_path: Path, qweights: dict) -> list[str]:
+    """The Linears the library left float (e.g. lm_head), from the float model's structure built on the meta
+    device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    d = dtype_name(dtype)
-    base = load_model(ModelSpec(str(model_path), str(device), d, args.trust_remote_code))
-    quant = load_model(ModelSpec(str(path), str(device), d, args.trust_remote_code))
-    q = measure_quality(quant.model, windows, base.model)
-    f = measure_quality(base.model, windows)
-    return {"float": f.to_dict(), "quantized": q.to_dict()}
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in qweights]
 
 
 __all__ = ["check_method_format", "run_backend"]

@@ -10,6 +10,7 @@ the matrix is updated once per block (lazy batch updates), so the Python loop on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -66,50 +67,75 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
                       "use more calibration samples")
 
 
+@dataclass(slots=True)
+class _GroupParams:
+    """Per-group scales/zeros [out, G] (filled up front when static) and each permuted column's group."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    static: bool  # fixed before the column loop (per-channel or --static-groups)
+    col_group: torch.Tensor  # [in] group of each (permuted) column
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> QuantizedWeight:
     """GPTQ of w [out, in] given H [in, in]. Returns codes in the original column order; with act_order
     (and no static groups) g_idx maps each column to its group."""
-    out, n_in = w.shape
-    check_group_size(n_in, args.group_size)
-    gs = n_in if args.group_size == -1 else args.group_size
-    maxq = 2 ** args.bits - 1
+    check_group_size(w.shape[1], args.group_size)
     W = w.detach().float().clone()  # [out, in]
     H = h.float().clone()  # [in, in]
-
     dead = H.diagonal() == 0  # inputs that never fire: any value works, keep the Hessian invertible
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-
-    # static groups: parameters fixed up front from the (original order) weight, so g_idx stays contiguous
-    static_scale = static_zero = None
-    if args.group_size == -1 or args.static_groups:
-        wmin, wmax = group_range(W, args.group_size)
-        static_scale, static_zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
-
-    perm = None
-    if args.act_order:
-        perm = torch.argsort(H.diagonal(), descending=True)  # [in]
+    perm = torch.argsort(H.diagonal(), descending=True) if args.act_order else None  # [in]
+    params = _group_params(W, perm, args)
+    if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
     U = _inverse_hessian_cholesky(H, args.damp)  # [in, in] upper
     del H
+    Q = _quantize_columns(W, U, params, args).t().to(torch.uint8)  # [out, in], permuted order
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if not params.static:
+            g_idx = params.col_group[inv].to(torch.int32)  # [in] group of each original column
+    return QuantizedWeight(qweight=Q.contiguous(), scales=params.scales, zeros=params.zeros.round().to(torch.int32),
+                           g_idx=g_idx, bits=args.bits, group_size=args.group_size, sym=args.sym)
 
-    n_groups = n_in // gs
-    scales = torch.empty(out, n_groups, device=W.device)
-    zeros = torch.empty(out, n_groups, device=W.device)
-    # group of each permuted column: contiguous in the original order (static) or the permuted one (dynamic)
-    order = torch.arange(n_in, device=W.device)
-    col_group = (perm if perm is not None and static_scale is not None else order) // gs  # [in]
-    if static_scale is not None:
+
+def _group_params(W: torch.Tensor, perm: torch.Tensor | None, args: QuantArgs) -> _GroupParams:
+    """Static groups: parameters fixed up front from the (original order) weight, so g_idx stays contiguous;
+    else empty, filled by the column loop at each group's first column."""
+    out, n_in = W.shape
+    gs = n_in if args.group_size == -1 else args.group_size
+    scales = torch.empty(out, n_in // gs, device=W.device)
+    zeros = torch.empty(out, n_in // gs, device=W.device)
+    static = args.group_size == -1 or args.static_groups
+    if static:
+        wmin, wmax = group_range(W, args.group_size)
+        static_scale, static_zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
         scales.copy_(static_scale)
         zeros.copy_(static_zero)
-    col_group_list = col_group.tolist()
+    # group of each permuted column: contiguous in the original order (static) or the permuted one (dynamic)
+    order = torch.arange(n_in, device=W.device)
+    col_group = (perm if perm is not None and static else order) // gs  # [in]
+    return _GroupParams(scales, zeros, static, col_group)
 
+
+def _quantize_columns(W: torch.Tensor, U: torch.Tensor, params: _GroupParams, args: QuantArgs) -> torch.Tensor:
+    """The GPTQ column loop over W [out, in] (modified) with U the upper Cholesky factor of H⁻¹; returns the
+    codes as floats [in, out] (column-major). Dynamic groups get their parameters written into params."""
+    out, n_in = W.shape
+    gs = n_in if args.group_size == -1 else args.group_size
+    maxq = 2 ** args.bits - 1
+    scales, zeros, static = params.scales, params.zeros, params.static
+    col_group_list = params.col_group.tolist()
     bs = args.block_size
     # two-level lazy updates: rank-1 updates only inside a sub-block of `sub` columns, the rest of the
     # block updated by one matmul per sub-block, the rest of the matrix by one matmul per block. Group
     # starts must fall on sub-block starts so group parameters see fully updated columns.
-    sub = math.gcd(math.gcd(16, bs), gs if static_scale is None else 16)
+    sub = math.gcd(math.gcd(16, bs), 16 if static else gs)
     Qt = torch.empty(n_in, out, device=W.device)  # codes (as floats), permuted order, column-major
     d_inv = (1.0 / U.diagonal()).tolist()  # the per-column loop runs on Python floats and in-place ops
     for i1 in range(0, n_in, bs):
@@ -122,7 +148,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> Quantize
             for i in range(j1, j2):
                 col = i1 + i
                 g = col_group_list[col]
-                if static_scale is None and col % gs == 0:
+                if not static and col % gs == 0:
                     # group params from the fully updated columns of this group; columns past the block
                     # still owe this block's lazy update, applied here to the slice that is read
                     cols = W1[i:i + gs].t()  # [out, ≤gs]
@@ -141,13 +167,4 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> Quantize
                 W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1)  # rank-1 update inside the sub-block
             W1[j2:] -= U1[j1:j2, j2:].t() @ E1[j1:j2]  # [b - j2, out]
         W[:, i2:] -= E1.t() @ U[i1:i2, i2:]
-    Q = Qt.t().to(torch.uint8)
-
-    g_idx = None
-    if perm is not None:
-        inv = torch.argsort(perm)
-        Q = Q[:, inv]
-        if static_scale is None:
-            g_idx = col_group[inv].to(torch.int32)  # [in] group of each original column
-    return QuantizedWeight(qweight=Q.contiguous(), scales=scales, zeros=zeros.round().to(torch.int32), g_idx=g_idx,
-                           bits=args.bits, group_size=args.group_size, sym=args.sym)
+    return Qt

@@ -84,11 +84,6 @@ def rtn_quantize(w: torch.Tensor, args: QuantArgs, clip: torch.Tensor | None = N
                            bits=args.bits, group_size=args.group_size, sym=args.sym)
 
 
-def rtn_fake_quantize(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """w [out, in] → RTN-dequantized weight [out, in] (float32)."""
-    return rtn_quantize(w, args).dequantize(torch.float32)
-
-
 def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Dynamic per-token symmetric quantization of activations x [..., in] (what W8A8 kernels do)."""
     qmax = 2 ** (bits - 1) - 1
