@@ -8,9 +8,21 @@ from typing import Annotated
 
 import typer
 
-from llmopt.cli.options import ChatTemplate, Device, Dtype, Json, Overwrite, Revision, Samples, Seed, SeqLen, Split, \
-    TextField, TrustRemoteCode
 from llmopt.checkpoint.types import FORMATS, METHODS
+from llmopt.cli.options import (
+    ChatTemplate,
+    Device,
+    Dtype,
+    Json,
+    Overwrite,
+    Revision,
+    Samples,
+    Seed,
+    SeqLen,
+    Split,
+    TextField,
+    TrustRemoteCode,
+)
 
 
 def quantize(

@@ -1,7 +1,8 @@
 """`quantize(QuantizeArgs) -> QuantizeResult`: the one core function behind `llmopt quantize`.
 
-load (CPU) → calibration windows → pipeline (layer by layer on the device) → format writer into a temp dir
-→ tokenizer + evaluation of the written checkpoint vs the float model → llmopt.json → atomic rename.
+load (CPU) → calibration windows → layer walk (quant/walk.py; methods in quant/methods.py) → format writer into a
+temp dir → quant/finish.py: tokenizer + evaluation of the written checkpoint vs the float model → llmopt.json
+→ atomic rename.
 """
 
 from __future__ import annotations
@@ -291,8 +292,13 @@ def _write(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_scal
            device: torch.device, dtype: torch.dtype, timings: dict, t_all: float) -> QuantizeResult:
     """The format writer into the atomic temp dir, then the shared finish step (quant/finish.py)."""
     from llmopt.checkpoint import formats
-    from llmopt.quant.finish import (FloatSource, Written, calibration_record, evaluate_written,
-                                     write_quant_manifest)
+    from llmopt.quant.finish import (
+        FloatSource,
+        Written,
+        calibration_record,
+        evaluate_written,
+        write_quant_manifest,
+    )
     from llmopt.utils import atomic_dir
 
     model, qargs = prepared.model, args.quant_args()

@@ -7,7 +7,8 @@
 2. Clip search: per output channel and group, shrink the weight range by a ratio r ≤ 1 and keep the r
    whose group output error dᵀ·(XᵍᵀXᵍ)·d is smallest; r = 1 (no clipping) is on the grid.
 
-Pure tensor functions; the pipeline gathers the statistics (AwqStats) and applies the results.
+Pure tensor functions; the layer walk (walk.py, via methods.Awq) gathers the statistics (AwqStats) and applies
+the results.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmopt.quant.rtn import fake_quantize, params_from_range, rtn_quantize
 from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
+from llmopt.quant.rtn import fake_quantize, params_from_range, rtn_quantize
 from llmopt.utils import fast_bf16
 
 SEARCH_ROWS = 1 << 14  # weight rows per loss evaluation in the scale search
@@ -28,7 +29,7 @@ CLIP_MAX_SHRINK = 0.5  # smallest ratio tried is 1 - CLIP_MAX_SHRINK·(grid-1)/g
 class AwqStats:
     """Per-Linear-input statistics: Σ|x| per channel, Σ xᵍᵀxᵍ per group (block-diagonal Gram), a token sample."""
 
-    __slots__ = ("abs_sum", "gram", "sample", "n", "stride", "group_size")
+    __slots__ = ("abs_sum", "gram", "group_size", "n", "sample", "stride")
 
     def __init__(self, n_in: int, group_size: int, total_tokens: int, device: torch.device) -> None:
         gs = n_in if group_size == -1 else group_size

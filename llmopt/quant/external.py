@@ -121,7 +121,13 @@ def _finish(args, spec: BackendSpec, interp: Interpreter, fmt: str, res: dict, t
     evaluation, llmopt.json. The QuantizeResult."""
     from llmopt.checkpoint.formats import read_checkpoint
     from llmopt.quant.api import QuantizeResult
-    from llmopt.quant.finish import FloatSource, Written, calibration_record, evaluate_written, write_quant_manifest
+    from llmopt.quant.finish import (
+        FloatSource,
+        Written,
+        calibration_record,
+        evaluate_written,
+        write_quant_manifest,
+    )
 
     _, qweights, _ = read_checkpoint(tmp)  # llmopt must read what the library wrote
     source = FloatSource(args.model, model_path, str(model_path))

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 from llmopt.errors import LlmoptError
 from llmopt.quant.rtn import check_group_size, group_range, params_from_range
-from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
-
 
 SYM_BLOCK = 256  # XᵀX is built block-row by block-row above the diagonal: ~0.6× the flops of the full product
 

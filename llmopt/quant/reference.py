@@ -20,7 +20,7 @@ from llmopt.quant.rtn import fake_quantize_activations, rtn_quantize
 class ErrorMeter:
     """Σ‖y − ref‖² and Σ‖ref‖² in float64 → relative error."""
 
-    __slots__ = ("num", "den")
+    __slots__ = ("den", "num")
 
     def __init__(self) -> None:
         self.num = 0.0

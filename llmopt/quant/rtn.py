@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.errors import LlmoptError
 from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
+from llmopt.errors import LlmoptError
 
 
 def n_groups(n_in: int, group_size: int) -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from llmopt.quant.rtn import rtn_quantize
 from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
+from llmopt.quant.rtn import rtn_quantize
 
 
 class ActMaxAccumulator:

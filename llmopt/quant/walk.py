@@ -274,7 +274,7 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
     (statistics and solves stay fp32). progress: one Event per layer, task "<method> layer".
     """
     t_start = time.perf_counter()
-    decoder, layers, prefix = decoder_layers(model)
+    _, layers, prefix = decoder_layers(model)
     walk = _plan_walk(model, input_ids, method, qargs, is_target, device, batch_size, staged, calib_dtype)
     total = len(layers) + int(walk.head is not None)
     task = f"{method} layer"
