@@ -74,7 +74,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = quantize(QuantizeArgs(model=str(model), out=args.out_dir / method, method=method,
                                     format=METHODS[method], samples=args.samples, seq_len=args.seq_len,
-                                    overwrite=True), progress=False)
+                                    overwrite=True))
         q, f, experts = res.metrics["quantized"], res.metrics["float"], res.parameters["experts"]
         rows.append({"method": method, "format": res.format, "kld_mean": q["kld_mean"], "kld_p99": q["kld_p99"],
                      "top1": q["top1_agreement"], "ppl": q["perplexity"], "float_ppl": f["perplexity"],
