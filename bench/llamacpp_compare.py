@@ -18,7 +18,7 @@ llama.cpp is not a dependency: build llama-perplexity/llama-bench/llama-quantize
 AMX tiles (the dev sandbox).
 
 Usage: python bench/llamacpp_compare.py [--model builtin:tiny] [--llamacpp-bin /work/llamacpp/build/bin]
-       [--work /tmp/llamacpp-compare] [--ctx 256] [--threads 2]
+       [--work /tmp/llamacpp-compare] [--ctx 256] [--threads 2] [--also CHECKPOINT_DIR ...]
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/llamacpp-compare"))
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--also", type=Path, action="append", default=[],
+                    help="More llmopt checkpoints of the same model to export and measure (AWQ→Q4_1, int8→Q8_0, "
+                         "act-order/g128 → requantized).")
     args = ap.parse_args()
     w, b = args.work, args.llamacpp_bin
     w.mkdir(parents=True, exist_ok=True)
@@ -122,12 +125,16 @@ def main() -> None:
     run([PY, "-m", "llmopt", "export", str(model_dir), "--float-type", "f32", "--out", str(files["F32"])],
         w / "export-f32.log")
     run([PY, "-m", "llmopt", "export", str(ckpt), "--out", str(files["llmopt GPTQ→Q4_0"])], w / "export-q4.log")
+    extra = {f"llmopt {c.name}": c for c in args.also}
+    for label, c in extra.items():
+        files[label] = w / f"{c.name}.gguf"
+        run([PY, "-m", "llmopt", "export", str(c), "--out", str(files[label])], w / f"export-{c.name}.log")
     run([str(b / "llama-quantize"), "--token-embedding-type", "f16", "--output-tensor-type", "f16",
          str(files["F32"]), str(files["llama.cpp Q4_0"]), "Q4_0", str(args.threads)], w / "quantize-lcpp.log")
     base = w / "f32.logits"
     rows = {"F32": perplexity(b, files["F32"], text, args.ctx, args.threads, w / "ppl-f32.log",
                               ["--kl-divergence-base", str(base)])}
-    for label in ("llmopt GPTQ→Q4_0", "llama.cpp Q4_0"):
+    for label in ("llmopt GPTQ→Q4_0", "llama.cpp Q4_0", *extra):
         rows[label] = perplexity(b, files[label], text, args.ctx, args.threads, w / f"ppl-{files[label].stem}.log",
                                  ["--kl-divergence-base", str(base), "--kl-divergence"])
     for label, path in files.items():
@@ -135,6 +142,8 @@ def main() -> None:
         rows[label]["decode_tok_s"] = decode_speed(b, path, args.threads, w / f"bench-{path.stem}.log")
     rows["F32"]["llmopt_ppl"] = llmopt_ppl(model_dir, None, text, args.ctx)
     rows["llmopt GPTQ→Q4_0"]["llmopt_ppl"] = llmopt_ppl(model_dir, ckpt, text, args.ctx)
+    for label, c in extra.items():
+        rows[label]["llmopt_ppl"] = llmopt_ppl(model_dir, c, text, args.ctx)
     load = os.getloadavg()
     print(json.dumps({"model": args.model, "ctx": args.ctx, "threads": args.threads, "loadavg": load, "rows": rows},
                      indent=2))

@@ -44,5 +44,7 @@ def export(
     err.print(f"wrote {result.path} ({result.n_bytes / 2**20:.1f} MiB): "
               + ", ".join(f"{n}× {k}" for k, n in sorted(kinds.items())))
     if result.requantized:
-        err.print(f"requantized into GGUF blocks (codes did not line up with 32-column blocks, target = the "
-                  f"checkpoint's dequantized weights): {', '.join(result.requantized)}")
+        names = result.requantized
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        err.print(f"requantized {len(names)} tensors into GGUF blocks (their groups do not line up with 32-column "
+                  f"blocks; target: the checkpoint's dequantized weights): {shown}")

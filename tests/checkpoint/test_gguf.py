@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 gguf = pytest.importorskip("gguf")
 
 from llmopt.checkpoint.formats import write_checkpoint  # noqa: E402
-from llmopt.checkpoint.formats.gguf import export_gguf, qk_row_order  # noqa: E402
+from llmopt.checkpoint.formats.gguf import export_gguf, qk_row_order, tokenizer_pre  # noqa: E402
 from llmopt.checkpoint.types import QuantArgs  # noqa: E402
 from llmopt.cli.main import app  # noqa: E402
 
@@ -177,11 +177,27 @@ def test_qwen2_biases_no_permutation_tied_head(tmp_path, tiny_model_dir):
     export_gguf(ckpt, tmp_path / "m.gguf")
     weights = _gguf_weights(tmp_path / "m.gguf")
     fields = {name: f.contents() for name, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
-    assert fields["general.architecture"] == "qwen2" and fields["tokenizer.ggml.pre"] == "qwen2"
+    assert fields["general.architecture"] == "qwen2"
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"  # the tokenizer's regex, not the architecture's name
     torch.testing.assert_close(weights["blk.0.attn_q.weight"],
                                _fp16_scale_reference(qweights["model.layers.0.self_attn.q_proj"]))
     torch.testing.assert_close(weights["blk.1.attn_k.bias"], model.model.layers[1].self_attn.k_proj.bias.detach())
     assert "output.weight" not in weights  # tied: llama.cpp reuses token_embd
+
+
+LLAMA3_SPLIT = r"(?i:'s|'t)|\p{N}{1,3}| ?[^\s]+"  # the shape of Llama-3's regex (digits in runs of <= 3)
+QWEN2_SPLIT = r"(?i:'s|'t)|\p{N}| ?[^\s]+"  # Qwen2's: single digits
+
+
+@pytest.mark.parametrize("pre,expect", [
+    ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt-2"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "llama-bpe"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "qwen2"),
+])
+def test_tokenizer_pre_from_the_regex(pre, expect):
+    assert tokenizer_pre({"pre_tokenizer": pre}) == expect
 
 
 def _cli(*args):

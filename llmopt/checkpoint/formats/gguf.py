@@ -41,10 +41,9 @@ class Arch:
 
     name: str  # general.architecture
     permute_qk: bool  # llama.cpp's Llama graph expects q/k rows in the interleaved rope order
-    tokenizer_pre: str  # tokenizer.ggml.pre for a byte-level BPE tokenizer
 
 
-ARCHS = {"llama": Arch("llama", True, "gpt-2"), "qwen2": Arch("qwen2", False, "qwen2")}
+ARCHS = {"llama": Arch("llama", True), "qwen2": Arch("qwen2", False)}
 
 _LAYER_NAMES = {  # hub suffix inside model.layers.N → GGUF suffix inside blk.N
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -224,7 +223,23 @@ def write_hparams(writer, config: dict, name: str) -> None:
     writer.add_vocab_size(int(config["vocab_size"]))
 
 
-def write_tokenizer(writer, ckpt: Path, config: dict, arch: Arch) -> None:
+def tokenizer_pre(tok: dict) -> str:
+    """tokenizer.ggml.pre: which pre-tokenizer regex llama.cpp applies. GPT-2's is ByteLevel's built-in one;
+    Llama-3 and Qwen2 split with their own regex first (they differ in digits: runs of up to 3 vs single)."""
+    pre = tok.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    patterns = [str((p.get("pattern") or {}).get("Regex", "")) for p in pre.get("pretokenizers", [])
+                if p.get("type") == "Split"]
+    if any(r"\p{N}{1,3}" in p for p in patterns):
+        return "llama-bpe"
+    if any(r"\p{N}" in p for p in patterns):
+        return "qwen2"
+    raise LlmoptError("the tokenizer's pre-tokenizer is not one llama.cpp is known to share (GPT-2, Llama-3, Qwen2): "
+                      "cannot write tokenizer.ggml.pre")
+
+
+def write_tokenizer(writer, ckpt: Path, config: dict) -> None:
     """tokenizer.ggml.* for a byte-level BPE tokenizer.json (what the built-in model and Llama-3/Qwen2 use):
     model gpt2, tokens by id, types (CONTROL for special added tokens), merges, special ids, add_bos."""
     gguf = _gguf()
@@ -245,7 +260,7 @@ def write_tokenizer(writer, ckpt: Path, config: dict, arch: Arch) -> None:
              gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED for i in range(n_vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(arch.tokenizer_pre)
+    writer.add_tokenizer_pre(tokenizer_pre(tok))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -388,7 +403,7 @@ def export_gguf(checkpoint: Path, out: Path, float_type: str = "f16", progress: 
         write_hparams(writer, config, checkpoint.name)
         writer.add_file_type(_file_type(converted, float_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(writer, checkpoint, config, arch)
+        write_tokenizer(writer, checkpoint, config)
         for c in converted:
             writer.add_tensor(c.record.name, c.data, raw_dtype=c.raw_dtype)
         writer.write_header_to_file()
