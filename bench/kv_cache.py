@@ -58,7 +58,7 @@ def decode_run(model, prompts: list[list[int]], steps: int, kv_dtype: str) -> tu
                                            kv_dtype=kv_dtype))
     for p in prompts:
         engine.add(p, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
-    from llmopt.engine.runner import paged_attention_enabled
+    from llmopt.engine.model_runner import paged_attention_enabled
 
     engine.t0 = engine.clock()
     with paged_attention_enabled(model):

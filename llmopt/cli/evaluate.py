@@ -83,7 +83,9 @@ def evaluate(
     """Evaluate models: perplexity / KLD / top-1 / lm-eval tasks / prompt-set refusals, answers and agreement, and
     TTFT, TPOT, ITL, throughput, memory, cost."""
     from llmopt.cli.console import err, out
-    from llmopt.evaluate.api import EvalArgs, evaluate as run_eval
+    from llmopt.cli.progress import bars
+    from llmopt.evaluate.api import EvalArgs
+    from llmopt.evaluate.api import evaluate as run_eval
     from llmopt.evaluate.report import finite, table
 
     task_list = [t.strip() for item in (tasks or []) for t in item.split(",") if t.strip()] or None
@@ -99,7 +101,8 @@ def evaluate(
                     price_per_hour=price_per_hour, json=json_out, csv=csv, plot=plot, device=device, dtype=dtype,
                     trust_remote_code=trust_remote_code)
     err.print(f"threads: {args.threads}  engine: {engine}")
-    result = run_eval(args, progress=True)
+    with bars() as progress:
+        result = run_eval(args, progress=progress)
     d = finite(result.to_dict())
     out.print(table(d))  # fitted to a terminal; whole in a file or pipe (console.py)
     for r in d["results"]:

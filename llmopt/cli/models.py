@@ -118,7 +118,7 @@ def _support(config) -> tuple[list[str], str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmopt.engine.runner import inspect_attention
+    from llmopt.engine.model_runner import inspect_attention
     from llmopt.families import registry
 
     methods = registry.supported_methods(config)

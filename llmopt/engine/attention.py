@@ -88,7 +88,7 @@ class PagedKVCache:
 
     @classmethod
     def allocate(cls, specs: list[LayerSpec], num_blocks: int, block_size: int, fmt: KVFormat,
-                 device: torch.device, static: list[tuple[float, float]] | None = None) -> "PagedKVCache":
+                 device: torch.device, static: list[tuple[float, float]] | None = None) -> PagedKVCache:
         def pool(*shape: int, dtype: torch.dtype = fmt.dtype) -> torch.Tensor:
             return torch.zeros((num_blocks, block_size, *shape), dtype=dtype, device=device)
 

@@ -17,7 +17,12 @@ import torch
 from llmopt.engine.attention import PagedKVCache, kv_bytes_per_token
 from llmopt.engine.block_manager import BlockManager, blocks_for
 from llmopt.engine.kv_format import KVFormat, check_kv_dtype, resolve_kv_format
-from llmopt.engine.runner import ModelRunner, common_window, inspect_attention, paged_attention_enabled
+from llmopt.engine.model_runner import (
+    ModelRunner,
+    common_window,
+    inspect_attention,
+    paged_attention_enabled,
+)
 from llmopt.engine.sampling import SamplingParams, sample_rows
 from llmopt.engine.scheduler import Scheduler, SchedulerConfig
 from llmopt.engine.sequence import Sequence, Status

@@ -22,7 +22,7 @@ from llmopt.engine.attention import PagedKVCache
 from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.engine import LLMEngine, model_dtype
 from llmopt.engine.kv_format import resolve_kv_format
-from llmopt.engine.runner import ModelRunner, common_window, inspect_attention
+from llmopt.engine.model_runner import ModelRunner, common_window, inspect_attention
 from llmopt.engine.sampling import probs, sample_rows
 from llmopt.engine.sequence import Sequence
 from llmopt.errors import LlmoptError

@@ -12,171 +12,19 @@ the prompt-set generations (`STEM.generations.jsonl`) and the verdicts that flip
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from llmopt.errors import LlmoptError
-
-ENGINES = ("llmopt", "hf", "hf-cb", "vllm")
-ProgressArg = bool | Callable | None
-
-
-@dataclass(frozen=True, slots=True)
-class EvalArgs:
-    model: list[str]
-    baseline: str | None = None
-    data: str = "builtin"
-    split: str | None = None
-    text_field: str = "text"
-    num_requests: int = 32
-    prompt_len: str = "32:256"
-    output_len: str = "32:128"
-    request_rate: float = math.inf
-    seed: int = 0
-    engine: str = "llmopt"
-    tp: int = 1  # tensor-parallel GPUs (--engine vllm)
-    draft: str | None = None
-    spec_tokens: int = 4
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    kv_budget: str = "0.3"
-    block_size: int = 16
-    max_prefill_tokens: int = 1024
-    max_num_seqs: int = 256
-    kv_dtype: str = "auto"  # how llmopt's engine caches K/V (llmopt.engine.kv_format.KV_DTYPES)
-    threads: int | None = None  # None: llmopt.utils.default_threads() (the faster of 1 and all cores, probed)
-    repeats: int = 3
-    warmup: bool = True
-    seq_len: int = 512
-    stride: int | None = None
-    quality_tokens: int = 32768
-    tasks: list[str] | None = None
-    task_limit: int | None = None
-    prompts: str | None = None  # a .jsonl/.csv prompt set, or "builtin" (llmopt/evaluate/prompts.py)
-    gen_tokens: int = 64
-    samples_per_prompt: int = 1
-    chat_template: bool = False
-    refusal_patterns: str | None = None  # one regex per line, replacing the default phrase list
-    refusal_judge: str | None = None  # a causal LM that judges refusals instead of the phrase list
-    quality_only: bool = False
-    perf_only: bool = False
-    price_per_hour: float | None = None
-    json: Path | None = None
-    csv: Path | None = None
-    plot: Path | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        from llmopt.engine.sampling import SamplingParams
-        from llmopt.evaluate.workload import parse_range
-
-        if isinstance(self.model, str):
-            object.__setattr__(self, "model", [self.model])
-        if not self.model:
-            raise LlmoptError("no model given: llmopt eval MODEL [MODEL ...]")
-        if self.engine not in ENGINES:
-            raise LlmoptError(f"--engine must be one of {', '.join(ENGINES)} (got {self.engine!r})")
-        if self.tp < 1 or (self.tp > 1 and self.engine != "vllm"):
-            raise LlmoptError(f"--tp {self.tp}: tensor parallelism needs --engine vllm and a value >= 1")
-        if self.quality_only and self.perf_only:
-            raise LlmoptError("--quality-only and --perf-only switch off both halves: give at most one")
-        if self.repeats < 1:
-            raise LlmoptError(f"--repeats must be ≥ 1 (got {self.repeats})")
-        if self.threads is not None and self.threads < 1:
-            raise LlmoptError(f"--threads must be ≥ 1 (got {self.threads})")
-        if self.threads is None:
-            from llmopt.utils import default_threads
-
-            object.__setattr__(self, "threads", default_threads())
-        if self.engine == "hf-cb" and self.temperature > 0:
-            raise LlmoptError("--engine hf-cb is a greedy cross-check: drop --temperature, or use --engine llmopt")
-        if self.draft is not None and self.engine != "llmopt":
-            raise LlmoptError("--draft (speculative decoding) runs on --engine llmopt only")
-        if self.spec_tokens < 1:
-            raise LlmoptError(f"--spec-tokens must be ≥ 1 (got {self.spec_tokens})")
-        if self.seq_len < 2:
-            raise LlmoptError(f"--seq-len must be ≥ 2 (got {self.seq_len})")
-        if self.stride is not None and not 0 < self.stride <= self.seq_len:
-            raise LlmoptError(f"--stride must be in 1..--seq-len ({self.seq_len}), got {self.stride}")
-        if self.quality_tokens < self.seq_len:
-            raise LlmoptError(f"--quality-tokens ({self.quality_tokens}) must be ≥ --seq-len ({self.seq_len})")
-        if self.price_per_hour is not None and self.price_per_hour < 0:
-            raise LlmoptError(f"--price-per-hour must be ≥ 0 (got {self.price_per_hour})")
-        if self.plot is not None and (self.quality_only or self.perf_only):
-            raise LlmoptError("--plot draws quality against throughput: it needs both halves (drop --quality-only/"
-                              "--perf-only)")
-        if self.task_limit is not None and self.task_limit < 1:
-            raise LlmoptError(f"--task-limit must be ≥ 1 (got {self.task_limit})")
-        from llmopt.engine.kv_format import check_kv_dtype
-
-        check_kv_dtype(self.kv_dtype)
-        if self.kv_dtype != "auto" and self.engine != "llmopt":
-            raise LlmoptError(f"--kv-dtype {self.kv_dtype} sets llmopt's paged KV cache: --engine {self.engine} keeps "
-                              f"its own (use --engine llmopt, or drop --kv-dtype)")
-        if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
-            raise LlmoptError("--block-size, --max-prefill-tokens and --max-num-seqs must be ≥ 1")
-        if self.prompts is None and (self.refusal_patterns or self.refusal_judge or self.chat_template):
-            raise LlmoptError("--refusal-patterns, --refusal-judge and --chat-template apply to --prompts: give a "
-                              "prompt set (a .jsonl/.csv file or builtin)")
-        if self.prompts is not None and self.perf_only:
-            raise LlmoptError("--prompts measures quality: drop --perf-only")
-        if self.refusal_patterns and self.refusal_judge:
-            raise LlmoptError("--refusal-patterns and --refusal-judge are two refusal detectors: give one")
-        self.generation_settings()  # validates --gen-tokens, --samples-per-prompt
-        self.workload_spec()  # validates --num-requests, ranges, --request-rate
-        SamplingParams(1, self.temperature, self.top_k, self.top_p, self.seed)  # validates sampling options
-        parse_range(self.output_len, "--output-len")
-
-    def generation_settings(self):
-        from llmopt.evaluate.generation import GenerationSettings
-        from llmopt.evaluate.perf import Sampling
-
-        return GenerationSettings(self.gen_tokens, self.samples_per_prompt,
-                                  Sampling(self.temperature, self.top_k, self.top_p, self.seed))
-
-    def workload_spec(self):
-        from llmopt.evaluate.workload import WorkloadSpec, parse_range
-
-        return WorkloadSpec(self.num_requests, parse_range(self.prompt_len, "--prompt-len"),
-                            parse_range(self.output_len, "--output-len"), float(self.request_rate), self.seed)
+from llmopt.evaluate.types import EvalArgs, EvalResult, ModelReport
+from llmopt.progress import Progress
 
 
-@dataclass(slots=True)
-class ModelReport:
-    model: str
-    method: str
-    quality: dict
-    perf: dict
-    memory: dict
-    speculative: dict | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(slots=True)
-class EvalResult:
-    results: list[ModelReport]
-    config: dict = field(default_factory=dict)
-    baseline: str | None = None
-    generations: list[dict] = field(default_factory=list)  # --prompts: every generation (not in the JSON report)
-    flips: list[dict] = field(default_factory=list)  # --prompts with --baseline: verdicts that flipped
-
-    def to_dict(self) -> dict:
-        return {"results": [r.to_dict() for r in self.results], "baseline": self.baseline, "config": self.config}
-
-
-def evaluate(args: EvalArgs, progress: ProgressArg = False) -> EvalResult:
+def evaluate(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     """Evaluate every model of args (baseline first when it is not among them); write the report files."""
-    from llmopt.evaluate.progress import make_progress
+    from llmopt.evaluate.eval_loop import EvalRunner
     from llmopt.evaluate.report import write_reports
-    from llmopt.evaluate.runner import EvalRunner
 
     for path in (args.json, args.csv, args.plot):
         if path is None:
@@ -190,10 +38,9 @@ def evaluate(args: EvalArgs, progress: ProgressArg = False) -> EvalResult:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        with make_progress(progress) as bar:
-            runner = EvalRunner(args, bar)
-            runner.preflight()
-            reports = runner.run_all()
+        runner = EvalRunner(args, progress)
+        runner.preflight()
+        reports = runner.run_all()
         result = EvalResult(reports, _config(args), args.baseline, runner.generations, runner.flips)
     finally:
         torch.set_num_threads(threads_before)
@@ -206,3 +53,6 @@ def _config(args: EvalArgs) -> dict:
     d["threads"] = torch.get_num_threads()
     return {k: (str(v) if isinstance(v, Path) else (None if isinstance(v, float) and math.isinf(v) else v))
             for k, v in d.items()} | {"request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate}
+
+
+__all__ = ["EvalArgs", "EvalResult", "ModelReport", "evaluate"]

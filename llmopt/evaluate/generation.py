@@ -16,8 +16,13 @@ from llmopt.errors import LlmoptError
 from llmopt.evaluate.perf import Sampling
 from llmopt.evaluate.prompts import PromptSet
 from llmopt.evaluate.refusal import RefusalDetector
-from llmopt.evaluate.text_metrics import (Flip, GenerationSummary, Scored, answer_contains, answer_exact,
-                                          summarize_generations)
+from llmopt.evaluate.text_metrics import (
+    Flip,
+    Scored,
+    answer_contains,
+    answer_exact,
+    summarize_generations,
+)
 
 
 @dataclass(frozen=True, slots=True)

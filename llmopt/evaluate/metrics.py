@@ -22,7 +22,7 @@ class Dist:
     p99: float | None
 
     @classmethod
-    def of(cls, seconds: list[float]) -> "Dist":
+    def of(cls, seconds: list[float]) -> Dist:
         if not seconds:
             return cls(None, None, None, None)
         x = torch.tensor(seconds, dtype=torch.float64) * 1000.0

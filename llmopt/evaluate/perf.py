@@ -15,7 +15,7 @@ from llmopt.engine.speculative import SpecStats, attach_draft
 from llmopt.evaluate.metrics import PerfMetrics, RequestTiming, compute_metrics
 from llmopt.evaluate.workload import Request
 
-Progress = Callable[[int], None]  # advance by n finished requests
+Advance = Callable[[int], None]  # advance by n finished requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +49,12 @@ def warmup_requests(requests: list[Request], batched: bool) -> list[Request]:
 
 def run_llmopt(model, requests: list[Request], config: EngineConfig, sampling: Sampling,
                draft=None, spec_tokens: int = 4, eos_id: int | None = None,
-               progress: Progress | None = None) -> RunOutput:
+               advance: Advance | None = None) -> RunOutput:
     engine = LLMEngine(model, config, eos_id)
     spec = attach_draft(engine, draft, spec_tokens) if draft is not None else None
     for i, r in enumerate(requests):
         engine.add(r.prompt, sampling.params(r.max_tokens, i), r.arrival)
-    seqs = engine.run(progress)
+    seqs = engine.run(advance)
     duration = max(t for s in seqs for t in s.token_times)
     timings = [RequestTiming(s.arrival, len(s.prompt), s.token_times) for s in seqs]
     return RunOutput(compute_metrics(timings, duration), [s.output for s in seqs], engine.kv_stats(),
@@ -82,11 +82,11 @@ class _TokenClock:
 
 @torch.inference_mode()
 def run_hf(model, requests: list[Request], sampling: Sampling, pad_id: int | None,
-           progress: Progress | None = None) -> RunOutput:
+           advance: Advance | None = None) -> RunOutput:
     """One request at a time through model.generate, in arrival order (a request waits for the previous one)."""
     device = model.get_input_embeddings().weight.device
     t0 = time.perf_counter()
-    clock = lambda: time.perf_counter() - t0  # noqa: E731
+    clock = lambda: time.perf_counter() - t0
     timings, outputs = [], []
     for i, r in enumerate(requests):
         wait = r.arrival - clock()
@@ -102,7 +102,7 @@ def run_hf(model, requests: list[Request], sampling: Sampling, pad_id: int | Non
                              min_new_tokens=None, eos_token_id=None, pad_token_id=pad_id, streamer=streamer, **kw)
         outputs.append(out[0, len(r.prompt):].tolist())
         timings.append(RequestTiming(r.arrival, len(r.prompt), streamer.times))
-        if progress is not None:
-            progress(1)
+        if advance is not None:
+            advance(1)
     duration = max(t for tm in timings for t in tm.token_times)
     return RunOutput(compute_metrics(timings, duration), outputs)

@@ -205,9 +205,9 @@ def verify(args: VerifyArgs, progress: Callable[[str], None] | None = None) -> V
     import time
 
     from llmopt.calibration import DataSpec, load_token_batch
+    from llmopt.checkpoint.formats import quant_method, read_config
     from llmopt.models import ModelSpec, resolve_path
     from llmopt.models.loading import load_tokenizer
-    from llmopt.checkpoint.formats import quant_method, read_config
     from llmopt.utils import resolve_device
 
     path = resolve_path(ModelSpec(args.checkpoint))

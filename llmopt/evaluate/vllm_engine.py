@@ -61,7 +61,7 @@ def run_vllm(llm, requests: list[Request], sampling: Sampling,
     times: dict[int, list[float]] = {i: [] for i in range(len(requests))}
     outputs: dict[int, list[int]] = {}
     t0 = time.perf_counter()
-    clock = lambda: time.perf_counter() - t0  # noqa: E731
+    clock = lambda: time.perf_counter() - t0
     while pending or engine.has_unfinished_requests():
         while pending and requests[pending[0]].arrival <= clock():
             i = pending.pop(0)

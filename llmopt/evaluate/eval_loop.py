@@ -1,41 +1,53 @@
-"""The per-model eval loop behind `evaluate()`: checks everything up front, then quality, perf, memory."""
+"""The per-model eval loop behind `evaluate()` (llmopt/evaluate/api.py): checks everything up front, then quality, perf, memory."""
 
 from __future__ import annotations
 
 import torch
 
 from llmopt.calibration.data import DataSpec, load_texts, token_stream
-from llmopt.engine import EngineConfig, SamplingParams
-from llmopt.engine.block_manager import blocks_for
+from llmopt.engine import SamplingParams
 from llmopt.engine.engine import model_dtype
 from llmopt.engine.kv_format import resolve_kv_format
 from llmopt.errors import LlmoptError
-from llmopt.evaluate.api import EvalArgs, ModelReport
 from llmopt.evaluate.budget import parse_kv_budget
-from llmopt.evaluate.generation import ModelGenerations, check_fits, engine_generator, flip_records, uses_chat_template
-from llmopt.evaluate.generation import generate_and_score, report as generation_report
+from llmopt.evaluate.engines import EngineContext, build_engine, check_engine
+from llmopt.evaluate.generation import (
+    ModelGenerations,
+    check_fits,
+    engine_generator,
+    flip_records,
+    generate_and_score,
+    uses_chat_template,
+)
+from llmopt.evaluate.generation import report as generation_report
 from llmopt.evaluate.kv_quality import measure_kv_quality
 from llmopt.evaluate.metrics import cost_per_1k_output_tokens, summarize
-from llmopt.evaluate.perf import Sampling, run_hf, run_llmopt, warmup_requests
-from llmopt.evaluate.progress import Bars
+from llmopt.evaluate.perf import warmup_requests
 from llmopt.evaluate.prompts import PromptSet, load_prompts
-from llmopt.evaluate.refusal import JUDGE_PROMPT, JUDGE_TOKENS, JudgeDetector, PhraseDetector, RefusalDetector
-from llmopt.evaluate.refusal import load_patterns
 from llmopt.evaluate.quality import Quality, measure_quality, sliding_windows
+from llmopt.evaluate.refusal import (
+    JUDGE_PROMPT,
+    JUDGE_TOKENS,
+    JudgeDetector,
+    PhraseDetector,
+    RefusalDetector,
+    load_patterns,
+)
+from llmopt.evaluate.types import EvalArgs, ModelReport
 from llmopt.evaluate.workload import make_workload
-from llmopt.models import (ModelSpec, attention_shape, check_seq_len, kv_bytes, load_config, load_model,
-                           load_tokenizer, max_context, resolve_path)
-
-
-def weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer (quantized runtime modules keep their codes and scales there)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:  # tied weights count once
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+from llmopt.models import (
+    ModelSpec,
+    attention_shape,
+    check_seq_len,
+    kv_bytes,
+    load_config,
+    load_model,
+    load_tokenizer,
+    max_context,
+    resolve_path,
+)
+from llmopt.progress import Counter, Progress
+from llmopt.runtime import weight_bytes
 
 
 def method_of(loaded) -> str:
@@ -49,9 +61,9 @@ def method_of(loaded) -> str:
 
 
 class EvalRunner:
-    def __init__(self, args: EvalArgs, bars: Bars) -> None:
+    def __init__(self, args: EvalArgs, progress: Progress | None = None) -> None:
         self.args = args
-        self.bars = bars
+        self.progress = progress
         names = list(dict.fromkeys(args.model))
         if args.baseline is not None and args.baseline not in names:
             names.insert(0, args.baseline)
@@ -93,10 +105,7 @@ class EvalRunner:
                 if toks[name].get_vocab() != toks[a.draft].get_vocab():
                     raise LlmoptError(f"the draft {a.draft} has a different tokenizer than {name}: a speculative "
                                       f"draft must share the target's tokenizer")
-        if a.engine == "vllm" and not a.quality_only:
-            from llmopt.evaluate.vllm_engine import check_available
-
-            check_available(a.tp)
+        check_engine(a.engine, a)
         spec = a.workload_spec()
         for name in self.names:
             ctx = max_context(configs[name])
@@ -116,7 +125,7 @@ class EvalRunner:
                 self._check_judge(prompts)
             else:
                 self.detector = PhraseDetector()
-        self.texts  # noqa: B018  (a data source that cannot be read fails here)
+        self.texts
 
     def _check_judge(self, prompts: list[str]) -> None:
         """The judge must load its tokenizer and hold a judge prompt with a whole generation in its context."""
@@ -172,11 +181,11 @@ class EvalRunner:
         a = self.args
         stream = token_stream(self.texts, loaded.tokenizer)[: a.quality_tokens]
         sw = sliding_windows(stream, a.seq_len, a.stride or max(1, a.seq_len // 2))
-        advance = self.bars.phase(f"quality {name}", 1)
+        phase = Counter(self.progress, f"quality {name}", 1)
         is_base = baseline is not None and loaded is baseline
         q: Quality = measure_quality(loaded.model, sw.windows, None if (baseline is None or is_base) else baseline.model,
                                      scored=sw.scored)
-        advance(1)
+        phase.advance()
         out = {"perplexity": q.perplexity, "tokens": q.tokens, "seq_len": a.seq_len,
                "stride": a.stride or max(1, a.seq_len // 2)}
         if baseline is not None:
@@ -189,9 +198,9 @@ class EvalRunner:
         if a.tasks:
             from llmopt.evaluate.lm_tasks import run_tasks
 
-            advance = self.bars.phase(f"lm-eval {name}", 1)
+            phase = Counter(self.progress, f"lm-eval {name}", 1)
             out["tasks"] = run_tasks(loaded.model, loaded.tokenizer, list(a.tasks), a.task_limit, seed=a.seed)
-            advance(1)
+            phase.advance()
         if self.prompt_set is not None:
             out["generation"] = self.generation(name, loaded, baseline)
         return out
@@ -201,9 +210,9 @@ class EvalRunner:
         held-out tokens in consecutive --seq-len windows."""
         a = self.args
         windows = [stream[i:i + a.seq_len].tolist() for i in range(0, len(stream) - a.seq_len + 1, a.seq_len)]  # [L]
-        advance = self.bars.phase(f"KV quality {name} ({a.kv_dtype})", 1)
+        phase = Counter(self.progress, f"KV quality {name} ({a.kv_dtype})", 1)
         q = measure_kv_quality(model, windows, a.kv_dtype, block_size=a.block_size)
-        advance(1)
+        phase.advance()
         return q.to_quality()
 
     def _judge(self, judge) -> JudgeDetector:
@@ -222,10 +231,10 @@ class EvalRunner:
 
     def _generate(self, name: str, loaded) -> ModelGenerations:
         assert self.prompt_set is not None and self.detector is not None
-        advance = self.bars.phase(f"prompts {name}", 1)
+        phase = Counter(self.progress, f"prompts {name}", 1)
         generator = self._generator(loaded, self.args.chat_template, self.args.kv_dtype)
         gens = generate_and_score(self.prompt_set, generator, self.detector, self.args.generation_settings())
-        advance(1)
+        phase.advance()
         return gens
 
     def generation(self, name: str, loaded, baseline) -> dict:
@@ -250,35 +259,12 @@ class EvalRunner:
     def perf(self, name: str, loaded, draft) -> tuple[dict, dict, dict | None]:
         a = self.args
         requests = make_workload(token_stream(self.texts, loaded.tokenizer), a.workload_spec())
-        sampling = Sampling(a.temperature, a.top_k, a.top_p, a.seed)
-        eos = loaded.tokenizer.eos_token_id
-        if a.engine == "hf":
-            run = lambda reqs, adv: run_hf(loaded.model, reqs, sampling, loaded.tokenizer.pad_token_id, adv)  # noqa: E731
-        elif a.engine == "hf-cb":
-            from llmopt.evaluate.hf_cb import run_hf_cb
-
-            run = lambda reqs, adv: run_hf_cb(loaded.model, reqs, sampling, a.block_size,  # noqa: E731
-                                              max(a.max_prefill_tokens, len(reqs)), adv)
-        elif a.engine == "vllm":
-            from llmopt.evaluate import vllm_engine
-            from llmopt.utils import dtype_name
-
-            # perf is this model's last phase: give vLLM the GPU memory the HF copy holds
-            loaded.model.to("cpu")
-            torch.cuda.empty_cache()
-            llm = vllm_engine.load_engine(str(loaded.path), tp=a.tp, dtype=dtype_name(loaded.dtype), seed=a.seed)
-            run = lambda reqs, adv: vllm_engine.run_vllm(llm, reqs, sampling, adv)  # noqa: E731
-        else:
-            config = EngineConfig(parse_kv_budget(a.kv_budget, loaded.device), a.block_size, a.max_prefill_tokens,
-                                  a.max_num_seqs, max_blocks=sum(blocks_for(len(r.prompt) + r.max_tokens, a.block_size)
-                                                                 for r in requests), kv_dtype=a.kv_dtype)
-            run = lambda reqs, adv: run_llmopt(loaded.model, reqs, config, sampling, draft, a.spec_tokens, eos, adv)  # noqa: E731
+        engine = build_engine(a.engine, EngineContext(loaded, a, requests, draft))
         if a.warmup:
-            run(warmup_requests(requests, batched=a.engine != "hf"), None)
-        runs = []
-        for i in range(a.repeats):
-            advance = self.bars.phase(f"perf {name} ({a.engine}) run {i + 1}/{a.repeats}", len(requests))
-            runs.append(run(requests, advance))
+            engine.run(warmup_requests(requests, batched=engine.warmup_batched), None)
+        runs = [engine.run(requests, Counter(self.progress, f"perf {name} ({a.engine}) run {i + 1}/{a.repeats}",
+                                             len(requests)))
+                for i in range(a.repeats)]
         s = summarize([r.metrics for r in runs])
         m = s.median
         perf = {"repeats": s.repeats, "output_tokens_per_s": m["output_tokens_per_s"],

@@ -14,8 +14,16 @@ from collections.abc import Iterator
 import torch
 
 from llmopt.engine.adapters import adapted, refuse
-from llmopt.engine.attention import (AttentionProbe, LayerSpec, PagedKVCache, Segment, StepContext, Window,
-                                     register, step_context)
+from llmopt.engine.attention import (
+    AttentionProbe,
+    LayerSpec,
+    PagedKVCache,
+    Segment,
+    StepContext,
+    Window,
+    register,
+    step_context,
+)
 from llmopt.engine.block_manager import FREED, BlockManager
 from llmopt.engine.sequence import Sequence
 from llmopt.errors import LlmoptError
