@@ -83,8 +83,9 @@ def llmopt_ppl(model_dir: Path, ckpt: Path | None, text: Path, ctx: int) -> floa
     if ckpt is not None:
         from llmopt.checkpoint.formats import read_checkpoint
 
-        _, qweights, _ = read_checkpoint(ckpt)
+        _, qweights, others = read_checkpoint(ckpt)
         with torch.no_grad():
+            model.load_state_dict(others, strict=False)  # AWQ folds its scales into the norms: take those too
             for name, qw in qweights.items():
                 model.get_submodule(name).weight.copy_(qw.dequantize(torch.float32))
     # llama-perplexity tokenizes the whole file with BOS first, then also puts BOS at the start of every chunk
