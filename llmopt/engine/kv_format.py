@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from llmopt.errors import LlmoptError
+from llmopt.utils import dtype_name
 
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8_e4m3")
 _FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +73,7 @@ def resolve_kv_format(name: str, model_dtype: torch.dtype) -> KVFormat:
     """--kv-dtype → KVFormat for a model computing in model_dtype ("auto" = that dtype, today's cache)."""
     check_kv_dtype(name)
     if name == "auto":
-        return KVFormat(str(model_dtype).removeprefix("torch."), model_dtype)
+        return KVFormat(dtype_name(model_dtype), model_dtype)
     if name == "int8":
         return KVFormat(name, torch.int8, 127.0)
     if name == "fp8_e4m3":

@@ -6,11 +6,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
+
+from llmopt.utils import atomic_write
 
 _STATS = ("mean", "p50", "p95", "p99")
 _DISTS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
@@ -145,57 +146,61 @@ def to_csv(result: dict) -> str:
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated when higher x (throughput) and lower y (KLD or ppl) are better."""
+    """Indices of points no other point beats on both axes (higher x: throughput, lower y: KLD or perplexity),
+    sorted by x; a point with a NaN coordinate is never on the front."""
     front = []
     for i, (x, y) in enumerate(points):
         dominated = any(x2 >= x and y2 <= y and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i)
-        if not dominated:
+        if not dominated and not (math.isnan(x) or math.isnan(y)):
             front.append(i)
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_png(result: dict, path: Path) -> None:
+@dataclass(frozen=True, slots=True)
+class PlotPoint:
+    throughput: float  # output tokens/s
+    quality: float  # KLD or perplexity, lower is better
+    label: str
+
+
+def plot_quality_vs_throughput(points: list[PlotPoint], path: Path, kld: bool, title: str = "") -> None:
+    """The one quality-vs-throughput plot (eval --plot and a recipe's report.png): the Pareto front marked, KLD on
+    a log scale (symlog when a KLD is 0, e.g. the baseline's own)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    use_kld = any(r["quality"].get("kld_mean") is not None for r in result["results"])
-    key = "kld_mean" if use_kld else "perplexity"
-    rows = [r for r in result["results"]
-            if r["quality"].get(key) is not None and r["perf"].get("output_tokens_per_s") is not None]
-    pts = [(r["perf"]["output_tokens_per_s"], r["quality"][key]) for r in rows]
-    front = pareto_front(pts)
+    front = pareto_front([(p.throughput, p.quality) for p in points])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
+    ax.scatter([p.throughput for p in points], [p.quality for p in points], color="tab:blue", zorder=3)
     if front:
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", lw=1.5, zorder=2,
-                label="Pareto front", marker="o", mfc="none", ms=11)
-    for r, (x, y) in zip(rows, pts):
-        ax.annotate(Path(r["model"]).name or r["model"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("output tokens/s")
-    ax.set_ylabel("KL-divergence from baseline (nats)" if use_kld else "perplexity")
-    ax.set_title("quality vs throughput")
-    ax.grid(alpha=0.3)
-    if front:
+        ax.plot([points[i].throughput for i in front], [points[i].quality for i in front], color="tab:red", lw=1.5,
+                linestyle="--", zorder=2, label="Pareto front", marker="o", mfc="none", ms=11)
         ax.legend()
+    for p in points:
+        ax.annotate(p.label, (p.throughput, p.quality), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if kld and points and all(p.quality > 0 for p in points):
+        ax.set_yscale("log")
+    elif kld and points:
+        ax.set_yscale("symlog", linthresh=min((p.quality for p in points if p.quality > 0), default=1e-6))
+    ax.set_xlabel("output tokens/s (higher is better)")
+    ax.set_ylabel(("mean KL-divergence vs baseline (nats)" if kld else "perplexity") + " (lower is better)")
+    ax.set_title(f"{title}: quality against throughput" if title else "quality against throughput")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, renamed at the end: never a half-written report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def plot_png(result: dict, path: Path) -> None:
+    """eval --plot: KLD when a baseline was given, else perplexity, against output tokens/s."""
+    use_kld = any(r["quality"].get("kld_mean") is not None for r in result["results"])
+    key = "kld_mean" if use_kld else "perplexity"
+    points = [PlotPoint(r["perf"]["output_tokens_per_s"], r["quality"][key], Path(r["model"]).name or r["model"])
+              for r in result["results"]
+              if r["quality"].get(key) is not None and r["perf"].get("output_tokens_per_s") is not None]
+    plot_quality_vs_throughput(points, path, use_kld)
 
 
 def finite(obj):
@@ -223,12 +228,15 @@ def write_reports(result, json_path: Path | None, csv_path: Path | None, plot_pa
     """The report files; with --prompts, beside the JSON also every generation and the flips against the baseline
     (an empty flips file when nothing flipped, so a stale one from an earlier run never survives)."""
     d = finite(result.to_dict())
+    for path in (json_path, csv_path, plot_path):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if json_path is not None:
-        _atomic_write(json_path, lambda p: p.write_text(json.dumps(d, indent=2, allow_nan=False) + "\n"))
+        atomic_write(json_path, json.dumps(d, indent=2, allow_nan=False) + "\n")
         if result.generations:
-            _atomic_write(sidecar(json_path, "generations"), lambda p: p.write_text(_jsonl(result.generations)))
-            _atomic_write(sidecar(json_path, "flips"), lambda p: p.write_text(_jsonl(result.flips)))
+            atomic_write(sidecar(json_path, "generations"), _jsonl(result.generations))
+            atomic_write(sidecar(json_path, "flips"), _jsonl(result.flips))
     if csv_path is not None:
-        _atomic_write(csv_path, lambda p: p.write_text(to_csv(d)))
+        atomic_write(csv_path, to_csv(d))
     if plot_path is not None:
-        _atomic_write(plot_path, lambda p: plot_png(d, p))
+        atomic_write(plot_path, lambda p: plot_png(d, p))

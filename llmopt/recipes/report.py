@@ -5,7 +5,6 @@ Written to OUTPUTS/report.md, report.json and report.png, and rendered with rich
 
 from __future__ import annotations
 
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -200,45 +199,14 @@ def render_plan(recipe: Recipe, done: dict[str, bool], console: Console) -> None
 
 
 def plot(table: list[dict], path: Path, title: str = "") -> bool:
-    """Quality (KLD if measured, else perplexity) against output tokens/s, the Pareto front marked."""
+    """Quality (KLD if measured, else perplexity) against output tokens/s, the Pareto front marked (the one plot,
+    llmopt.evaluate.report); False when fewer than two steps have both figures."""
+    from llmopt.evaluate.report import PlotPoint, plot_quality_vs_throughput
+
     quality = "kld_mean" if sum(r.get("kld_mean") is not None for r in table) >= 2 else "perplexity"
-    points = [(float(r["output_tokens_per_s"]), float(r[quality]), str(r["name"])) for r in table
+    points = [PlotPoint(float(r["output_tokens_per_s"]), float(r[quality]), str(r["name"])) for r in table
               if r.get("output_tokens_per_s") is not None and r.get(quality) is not None]
     if len(points) < 2:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    front = pareto_front([(x, y) for x, y, _ in points])
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=2)
-    fx = sorted((points[i][0], points[i][1]) for i in front)
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], color="tab:red", linestyle="--", marker="o", label="Pareto front",
-            zorder=3)
-    for x, y, name in points:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if quality == "kld_mean" and all(y > 0 for _, y, _ in points):
-        ax.set_yscale("log")
-    elif quality == "kld_mean":
-        ax.set_yscale("symlog", linthresh=min((y for _, y, _ in points if y > 0), default=1e-6))
-    ax.set_xlabel("output tokens/s (higher is better)")
-    ax.set_ylabel(("mean KL-divergence vs baseline" if quality == "kld_mean" else "perplexity") + " (lower is better)")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(f"{title}: quality against throughput" if title else "quality against throughput")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_quality_vs_throughput(points, path, quality == "kld_mean", title)
     return True
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points no other point beats on both axes (x higher is better, y lower is better)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        dominated = any((ox >= x and oy <= y) and (ox > x or oy < y) for j, (ox, oy) in enumerate(points) if j != i)
-        if not dominated and not any(math.isnan(v) for v in (x, y)):
-            front.append(i)
-    return front

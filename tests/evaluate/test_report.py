@@ -53,3 +53,18 @@ def test_prompt_set_columns_csv_and_sidecar_files(tmp_path):
     t = table(d)
     assert "refusal / over" in [c.header for c in t.columns]
     assert "25.0% / 25.0% (-12.5 pp)" in list(t.columns[[c.header for c in t.columns].index("refusal / over")].cells)
+
+
+def test_pareto_front_skips_nan_points():
+    # a NaN quality (a failed measurement) must not claim a place on the front nor hide the points it "beats"
+    assert pareto_front([(10.0, float("nan")), (5.0, 0.2), (8.0, 0.3)]) == [1, 2]
+
+
+def test_recipe_report_plot_is_the_eval_plot(tmp_path):
+    from llmopt.recipes.report import plot
+
+    table_rows = [{"name": "float", "output_tokens_per_s": 100.0, "kld_mean": 0.0, "perplexity": 10.0},
+                  {"name": "int4", "output_tokens_per_s": 180.0, "kld_mean": 0.02, "perplexity": 10.4}]
+    assert plot(table_rows, tmp_path / "p.png", "r")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert not plot(table_rows[:1], tmp_path / "q.png")  # one point: nothing to compare
