@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from tests.helpers.rtn import quantize_model
-from test_formats_roundtrip import tiny_qwen2
+from tests.checkpoint.formats.test_formats_roundtrip import tiny_qwen2
 
 from llmopt.models import ModelSpec, load_model
 from llmopt.checkpoint.formats import write_checkpoint
