@@ -50,6 +50,7 @@ ENGINE_MODULES: dict[str, str] = {
     "hf": "llmopt.evaluate.engines.hf",
     "hf-cb": "llmopt.evaluate.engines.hf_cb",
     "vllm": "llmopt.evaluate.engines.vllm",
+    "llamacpp": "llmopt.evaluate.engines.llamacpp",
 }
 
 
