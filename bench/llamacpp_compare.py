@@ -39,7 +39,7 @@ PY = sys.executable
 
 def run(cmd: list[str], log: Path) -> str:
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # the log is kept either way
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}), see {log}")

@@ -8,15 +8,16 @@ import shutil
 
 import pytest
 import torch
-from tests.helpers.rtn import quantize_model, rtn
 from typer.testing import CliRunner
+
+from tests.helpers.rtn import quantize_model, rtn
 
 gguf = pytest.importorskip("gguf")
 
-from llmopt.checkpoint.formats import write_checkpoint  # noqa: E402
-from llmopt.checkpoint.formats.gguf import export_gguf, qk_row_order, tokenizer_pre  # noqa: E402
-from llmopt.checkpoint.types import QuantArgs  # noqa: E402
-from llmopt.cli.main import app  # noqa: E402
+from llmopt.checkpoint.formats import write_checkpoint
+from llmopt.checkpoint.formats.gguf import export_gguf, qk_row_order, tokenizer_pre
+from llmopt.checkpoint.types import QuantArgs
+from llmopt.cli.main import app
 
 N_HEAD, N_KV, HEAD_DIM = 4, 2, 32
 
@@ -27,12 +28,17 @@ def _vocab_size(tokenizer_dir) -> int:
 
 
 def _model(arch: str, vocab: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=N_HEAD, num_key_value_heads=N_KV, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    common = {"vocab_size": vocab, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": N_HEAD, "num_key_value_heads": N_KV, "max_position_embeddings": 256,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).eval()
     return LlamaForCausalLM(LlamaConfig(**common, head_dim=HEAD_DIM, tie_word_embeddings=False)).eval()
