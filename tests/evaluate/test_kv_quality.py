@@ -88,7 +88,7 @@ def test_eval_kv_dtype_int8_reports_kv_quality_bytes_and_gates(tiny_model_dir, t
     assert q["kv_perplexity"] == pytest.approx(q["kv_float_perplexity"], rel=0.01)
     assert m["kv_dtype"] == "int8" and m["kv_bytes_allocated"] == m["kv_bytes_formula"] + m["kv_waste_bytes"]
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["head_dim"] + 2)  # codes + scales
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["head_dim"] + 1)  # codes + E8M0 scales
     assert m["kv_bytes_formula"] == m["kv_peak_tokens"] * per_token
     assert "KV KLD" in r.output and "int8 KV vs float KV" in r.output and "kv_kld_mean" in c.read_text()
     flat = flatten_result(e)

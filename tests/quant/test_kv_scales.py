@@ -114,10 +114,14 @@ def test_reload_gives_the_same_scales_and_engine_uses_them(kv_ckpt):
         lp, lq = ref.double().log_softmax(-1), got.double().log_softmax(-1)
         kld = (lp.exp() * (lp - lq)).sum(-1)
         assert 0 < kld.mean().item() < 1e-3, (kv, kld.mean().item())
-        # the stored scales are the calibrated ones in this cache's code range, not per-token amaxes
+        # static: the pools hold the scale 1 for every token (no per-token amaxes) and the read applies the
+        # calibrated layer scale, in this cache's code range
+        from llmopt.engine.kv_format import scale_values
+
         qmax = 127.0 if kv == "int8" else 448.0
-        used = engine.cache.k_scale[0].view(-1)[:len(tokens)].float()
-        assert torch.allclose(used, torch.full_like(used, table.k[0] * 448 / qmax), rtol=1e-3)
+        used = scale_values(engine.cache.k_scale[0].view(-1)[:len(tokens)])
+        assert torch.equal(used, torch.ones_like(used))
+        assert engine.cache.static[0][0] == pytest.approx(table.k[0] * 448 / qmax, rel=1e-6)
     model.kv_cache_scales = None  # no calibrated scales: per-(token, kv head) dynamic ones, and it says so
     assert LLMEngine(model, EngineConfig(kv_budget=10 ** 8, kv_dtype="int8")).kv_stats().kv_scales.startswith("dynamic")
     assert LLMEngine(model, EngineConfig(kv_budget=10 ** 8)).kv_stats().kv_scales == "none"
@@ -174,7 +178,7 @@ def test_static_codes_clamp_past_the_calibrated_amax():
     x = torch.tensor([[[0.5, -1.0, 2.0, -3.0]]])  # [T, Hkv, D]; calibrated amax 2.0 → scale 2/127
     codes, scale = quantize_static(x, 2.0 / 127, fmt)
     assert scale.shape == (1, 1) and codes.dtype == torch.int8
-    back = dequantize(codes, scale, torch.float32)
+    back = dequantize(codes, scale, torch.float32, factor=2.0 / 127)  # the read applies the exact layer scale
     assert back[0, 0, :3].sub(x[0, 0, :3]).abs().max() <= 2.0 / 127 * 0.51
     assert back[0, 0, 3] == pytest.approx(-2.0, rel=1e-3)  # past amax: clamped to -qmax · scale
 
