@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from llmopt.cli.console import err
+from llmopt.progress import Event
 from llmopt.cli.console import out as stdout
 from llmopt.cli.options import (ChatTemplate, Device, Json, Out, Overwrite, Seed, SeqLen, Split, TextField,
                                 TrustRemoteCode)
@@ -134,17 +135,20 @@ class _ProgressView:
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
 
-    def update(self, event) -> None:
-        if isinstance(event, str):
-            self.bar.console.print(f"[dim]{event}[/]")
+    def update(self, event: Event) -> None:
+        """A status line (event.message) or a training step (task = the run, fields = its losses and speed)."""
+        if event.message is not None:
+            self.bar.console.print(f"[dim]{event.message}[/]")
+        if event.done is None:
             return
-        log = event.log
-        if event.run not in self.tasks:
-            self.tasks[event.run] = self.bar.add_task(event.run, total=event.steps, completed=event.step - 1, info="")
-        parts = [f"loss {log.loss:.3f}"] + [f"{k} {v:.3f}" for k, v in (("kd", log.kd), ("ce", log.ce),
-                                                                         ("hid", log.hidden)) if v]
-        info = " ".join(parts) + f" {'on-pol ' if log.on_policy else ''}{log.tokens_per_s:,.0f} tok/s"
-        self.bar.update(self.tasks[event.run], completed=event.step, info=info)
+        f = event.fields
+        if event.task not in self.tasks:
+            self.tasks[event.task] = self.bar.add_task(event.task, total=event.total, completed=event.done - 1,
+                                                       info="")
+        parts = [f"loss {f['loss']:.3f}"] + [f"{k} {f[key]:.3f}" for k, key in (("kd", "kd"), ("ce", "ce"),
+                                                                              ("hid", "hidden")) if f.get(key)]
+        info = " ".join(parts) + f" {'on-pol ' if f.get('on_policy') else ''}{f['tokens_per_s']:,.0f} tok/s"
+        self.bar.update(self.tasks[event.task], completed=event.done, info=info)
 
 
 def _render(result) -> None:

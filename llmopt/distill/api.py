@@ -11,22 +11,23 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llmopt.distill import losses, student as students
-from llmopt.distill.trainer import (LossSettings, Progress, StepLog, TrainSettings, find_checkpoint,
+from llmopt.distill.trainer import (LossSettings, StepLog, TrainSettings, find_checkpoint,
                                     remove_checkpoints, train, verify_checkpoint)
 from llmopt.errors import LlmoptError
 from llmopt.checkpoint.manifest import write_manifest
-from llmopt.utils import atomic_dir, check_out_dir, resolve_device, sha256_json
+from llmopt.progress import Progress, emit
+from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, sha256_json
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Fields that do not change the training trajectory: a resume may differ in these.
 _NOT_IN_RUN_KEY = {"out", "overwrite", "save_every", "checkpoint_dir", "resume", "compare_scratch", "eval_data",
                    "eval_samples", "keep_checkpoints"}
 
-StatusFn = Callable[[Progress | str], None]
 
 
 @dataclass(slots=True)
@@ -188,25 +189,73 @@ def _ppl(model, wins: torch.Tensor) -> float:
     return ppl
 
 
-def distill(args: DistillArgs, progress: StatusFn | None = None) -> DistillResult:
-    """Distil the teacher into the student; write the student checkpoint + llmopt.json + loss curve to args.out."""
+@dataclass(slots=True)
+class _Setup:
+    """What distill() has loaded before training: models, windows, where checkpoints go."""
+
+    accelerator: Any
+    teacher: Any  # models.LoadedModel
+    student: Any  # distill.student.Student
+    train_wins: torch.Tensor  # [N, L]
+    eval_wins: torch.Tensor  # [M, L]
+    eval_source: str
+    run_key: str
+    ckpt_root: Path
+
+
+def distill(args: DistillArgs, progress: Progress | None = None) -> DistillResult:
+    """Distil the teacher into the student; write the student checkpoint + llmopt.json + loss curve to args.out.
+    Progress: a message Event per phase (task "distill") and one Event per training step (task = the run)."""
+    t_start = time.perf_counter()
+    setup = _setup(args, progress)
+    accelerator, teacher, student, eval_wins = setup.accelerator, setup.teacher, setup.student, setup.eval_wins
+    say = _sayer(progress, accelerator)
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        say("held-out perplexity of the teacher and the untrained student")
+        metrics["teacher_ppl"] = _ppl(teacher.model, eval_wins)
+        metrics["student_init_ppl"] = _ppl(student.model, eval_wins)
+    n_teacher, n_student = students.num_layers(teacher.model), students.num_layers(student.model)
+    settings = _train_settings(args, setup.run_key)
+    trained, outcome = train(accelerator, student.model, teacher.model, setup.train_wins, settings, "distill",
+                             students.hidden_layer_map(n_teacher, n_student), int(teacher.config.hidden_size),
+                             setup.ckpt_root if args.save_every else None, args.resume, progress)
+    curve: list[StepLog] = list(outcome.curve)
+    if accelerator.is_main_process:
+        say("held-out perplexity of the distilled student")
+        metrics["student_ppl"] = _ppl(trained, eval_wins)
+    if args.compare_scratch:
+        curve += _compare_scratch(args, setup, settings, metrics, progress)
+    result = DistillResult(args.out, metrics, student.describe(), args.steps, outcome.tokens,
+                           time.perf_counter() - t_start, outcome.tokens_per_s, outcome.resumed_from)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write(args, setup, trained, result, outcome, curve, (n_teacher, n_student))
+    return result
+
+
+def _sayer(progress: Progress | None, accelerator) -> Callable[[str], None]:
+    """A status line as an Event message, from the main process only."""
+    def say(msg: str) -> None:
+        if accelerator.is_main_process:
+            emit(progress, "distill", message=msg)
+    return say
+
+
+def _setup(args: DistillArgs, progress: Progress | None) -> _Setup:
+    """Checks that fail fast, then the teacher, the student and the train / held-out windows."""
     from accelerate.utils import set_seed
 
     from llmopt.calibration import DataSpec
-    from llmopt.models import ModelSpec, check_seq_len, load_model, save_model
+    from llmopt.models import ModelSpec, check_seq_len, load_model
 
-    def say(msg: str) -> None:
-        if progress is not None and accelerator.is_main_process:
-            progress(msg)
-
-    t_start = time.perf_counter()
     check_out_dir(args.out, args.overwrite)  # before any work: fail fast, write nothing
     accelerator = _accelerator(args.device, args.mixed_precision)
     run_key = args.run_key(accelerator.num_processes)
     if args.resume is not None:  # a damaged or foreign checkpoint fails before any model is loaded
         verify_checkpoint(find_checkpoint(args.resume), run_key)
     set_seed(args.seed)
-    say(f"loading teacher {args.teacher}")
+    _sayer(progress, accelerator)(f"loading teacher {args.teacher}")
     teacher = load_model(ModelSpec(args.teacher, device=str(accelerator.device), dtype=args.teacher_dtype,
                                    trust_remote_code=args.trust_remote_code))
     teacher.model.requires_grad_(False)
@@ -214,74 +263,65 @@ def distill(args: DistillArgs, progress: StatusFn | None = None) -> DistillResul
     students.check_same_vocab(teacher.model, teacher.tokenizer, student)
     check_seq_len(teacher.model.config, "--seq-len", args.seq_len, f"the teacher {args.teacher}")
     check_seq_len(student.model.config, "--seq-len", args.seq_len, "the student")
-
     data_spec = DataSpec(args.data, args.split, args.text_field, args.chat_template)
     train_wins = _windows(data_spec, teacher.tokenizer, args.seq_len, "train")
     eval_spec = DataSpec(args.eval_data or args.data, None, args.text_field, args.chat_template)
     eval_wins = _windows(eval_spec, teacher.tokenizer, args.seq_len, "test")[:args.eval_samples]
     student.model.to(accelerator.device)
-
-    metrics: dict[str, float] = {}
-    if accelerator.is_main_process:
-        say("held-out perplexity of the teacher and the untrained student")
-        metrics["teacher_ppl"] = _ppl(teacher.model, eval_wins)
-        metrics["student_init_ppl"] = _ppl(student.model, eval_wins)
-
-    n_teacher, n_student = students.num_layers(teacher.model), students.num_layers(student.model)
-    loss = LossSettings(args.loss, args.temperature, args.beta, args.alpha, args.hidden_weight, args.top_k)
-    settings = TrainSettings(args.steps, args.batch_size, args.grad_accum, args.lr, args.warmup, args.weight_decay,
-                             args.max_grad_norm, args.seed, loss, args.on_policy_ratio, args.sampled_tokens,
-                             args.sample_temperature, args.save_every, run_key)
     ckpt_root = args.checkpoint_dir or args.out.parent / f"{args.out.name}.ckpt"
-    trained, outcome = train(accelerator, student.model, teacher.model, train_wins, settings, "distill",
-                             students.hidden_layer_map(n_teacher, n_student), int(teacher.config.hidden_size),
-                             ckpt_root if args.save_every else None, args.resume, progress)
-    curve: list[StepLog] = list(outcome.curve)
-    if accelerator.is_main_process:
-        say("held-out perplexity of the distilled student")
-        metrics["student_ppl"] = _ppl(trained, eval_wins)
+    return _Setup(accelerator, teacher, student, train_wins, eval_wins, eval_spec.source, run_key, ckpt_root)
 
-    if args.compare_scratch:
-        # Same architecture and steps, random init, data cross-entropy only: what the teacher is worth.
-        scratch_settings = TrainSettings(**{**{f.name: getattr(settings, f.name) for f in fields(settings)},
-                                            "loss": LossSettings(alpha=0.0), "on_policy_ratio": 0.0,
-                                            "save_every": 0})
-        scratch = students.fresh_copy(student, args.seed).to(accelerator.device)
-        scratch, scratch_outcome = train(accelerator, scratch, None, train_wins, scratch_settings, "scratch",
-                                         progress=progress)
-        curve += scratch_outcome.curve
-        if accelerator.is_main_process:
-            metrics["scratch_ppl"] = _ppl(scratch, eval_wins)
-            gap = metrics["scratch_ppl"] - metrics["teacher_ppl"]
-            if gap > 0:  # share of the scratch→teacher perplexity gap the distilled student closes
-                metrics["scratch_gap_closed"] = (metrics["scratch_ppl"] - metrics["student_ppl"]) / gap
 
-    result = DistillResult(args.out, metrics, student.describe(), args.steps, outcome.tokens,
-                           time.perf_counter() - t_start, outcome.tokens_per_s,
-                           outcome.resumed_from)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_dir(args.out, args.overwrite) as tmp:
-            save_model(trained, teacher.tokenizer, tmp)
-            write_manifest(tmp, "distilled", {
-                "distill": {"args": args.to_dict(), "teacher": {"path": str(teacher.path), "layers": n_teacher,
-                                                                 "dtype": str(teacher.dtype).removeprefix("torch.")},
-                            "student": result.student, "hidden_layer_map": students.hidden_layer_map(
-                                n_teacher, n_student) if args.hidden_weight else None,
-                            "data": {"train_windows": int(train_wins.shape[0]), "eval_windows": int(eval_wins.shape[0]),
-                                     "seq_len": args.seq_len, "eval_source": eval_spec.source},
-                            "device": str(accelerator.device), "num_processes": accelerator.num_processes,
-                            "mixed_precision": accelerator.mixed_precision, "resumed_from": outcome.resumed_from,
-                            "tokens": outcome.tokens, "seconds": round(result.seconds, 2),
-                            "torch": torch.__version__},
-                "metrics": metrics,
-            })
-            write_curve(tmp, curve)
-        if args.save_every and not args.keep_checkpoints:
-            remove_checkpoints(ckpt_root)
-        result.files = {"checkpoint": str(args.out), "curve_csv": str(args.out / "loss_curve.csv"),
-                        "curve_png": str(args.out / "loss_curve.png")}
-    return result
+def _train_settings(args: DistillArgs, run_key: str) -> TrainSettings:
+    loss = LossSettings(args.loss, args.temperature, args.beta, args.alpha, args.hidden_weight, args.top_k)
+    return TrainSettings(args.steps, args.batch_size, args.grad_accum, args.lr, args.warmup, args.weight_decay,
+                         args.max_grad_norm, args.seed, loss, args.on_policy_ratio, args.sampled_tokens,
+                         args.sample_temperature, args.save_every, run_key)
+
+
+def _compare_scratch(args: DistillArgs, setup: _Setup, settings: TrainSettings, metrics: dict[str, float],
+                     progress: Progress | None) -> list[StepLog]:
+    """Same architecture and steps, random init, data cross-entropy only: what the teacher is worth. Adds
+    scratch_ppl (and the share of the scratch→teacher gap the distilled student closes) to metrics."""
+    scratch_settings = TrainSettings(**{**{f.name: getattr(settings, f.name) for f in fields(settings)},
+                                        "loss": LossSettings(alpha=0.0), "on_policy_ratio": 0.0, "save_every": 0})
+    scratch = students.fresh_copy(setup.student, args.seed).to(setup.accelerator.device)
+    scratch, outcome = train(setup.accelerator, scratch, None, setup.train_wins, scratch_settings, "scratch",
+                             progress=progress)
+    if setup.accelerator.is_main_process:
+        metrics["scratch_ppl"] = _ppl(scratch, setup.eval_wins)
+        gap = metrics["scratch_ppl"] - metrics["teacher_ppl"]
+        if gap > 0:
+            metrics["scratch_gap_closed"] = (metrics["scratch_ppl"] - metrics["student_ppl"]) / gap
+    return list(outcome.curve)
+
+
+def _write(args: DistillArgs, setup: _Setup, trained, result: DistillResult, outcome, curve: list[StepLog],
+           layers: tuple[int, int]) -> None:
+    """The student checkpoint, llmopt.json and the loss curve, atomically; then the intermediate checkpoints go."""
+    from llmopt.models import save_model
+
+    accelerator, teacher, (n_teacher, n_student) = setup.accelerator, setup.teacher, layers
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        save_model(trained, teacher.tokenizer, tmp)
+        write_manifest(tmp, "distilled", {
+            "distill": {"args": args.to_dict(), "teacher": {"path": str(teacher.path), "layers": n_teacher,
+                                                             "dtype": dtype_name(teacher.dtype)},
+                        "student": result.student, "hidden_layer_map": students.hidden_layer_map(
+                            n_teacher, n_student) if args.hidden_weight else None,
+                        "data": {"train_windows": int(setup.train_wins.shape[0]),
+                                 "eval_windows": int(setup.eval_wins.shape[0]), "seq_len": args.seq_len,
+                                 "eval_source": setup.eval_source},
+                        "device": str(accelerator.device), "num_processes": accelerator.num_processes,
+                        "mixed_precision": accelerator.mixed_precision, "resumed_from": outcome.resumed_from,
+                        "tokens": outcome.tokens, "seconds": round(result.seconds, 2), "torch": torch.__version__},
+            "metrics": result.metrics,
+        })
+        write_curve(tmp, curve)
+    if args.save_every and not args.keep_checkpoints:
+        remove_checkpoints(setup.ckpt_root)
+    result.files = {"checkpoint": str(args.out), "curve_csv": str(args.out / "loss_curve.csv"),
+                    "curve_png": str(args.out / "loss_curve.png")}
 
 
 def write_curve(out: Path, curve: list[StepLog]) -> None:

@@ -14,7 +14,6 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from llmopt.distill import losses
 from llmopt.errors import LlmoptError
+from llmopt.progress import Progress, emit
 from llmopt.utils import atomic_dir, write_json
 
 CKPT_FILES = ("module.safetensors", "optimizer.pt", "rng.pt", "state.json")
@@ -79,20 +79,6 @@ class StepLog:
     hidden: float
     on_policy: bool
     tokens_per_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """What a progress callback gets after every step."""
-
-    run: str
-    step: int
-    steps: int
-    log: StepLog
-    eta_s: float
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 @dataclass(slots=True)
@@ -319,9 +305,10 @@ def load_checkpoint(ckpt: Path, state: dict, module, optimizer, scheduler) -> No
 def train(accelerator, student: torch.nn.Module, teacher, windows: torch.Tensor, settings: TrainSettings,
           run: str = "distill", layer_map: list[tuple[int, int]] | None = None, teacher_width: int | None = None,
           checkpoint_root: Path | None = None, resume: Path | None = None,
-          progress: ProgressFn | None = None) -> tuple[torch.nn.Module, TrainOutcome]:
+          progress: Progress | None = None) -> tuple[torch.nn.Module, TrainOutcome]:
     """Train `student` on windows [N, L] against `teacher` (None for plain LM training). Returns the trained
-    (unwrapped) student and the loss curve. Checkpoints every settings.save_every steps into checkpoint_root."""
+    (unwrapped) student and the loss curve. Checkpoints every settings.save_every steps into checkpoint_root.
+    Every step is an Event (task = run; fields: loss, kd, ce, hidden, on_policy, tokens_per_s, eta_s)."""
     s = settings
     if s.loss.needs_teacher and teacher is None:
         raise ValueError("KD or hidden loss requested without a teacher")
@@ -342,49 +329,21 @@ def train(accelerator, student: torch.nn.Module, teacher, windows: torch.Tensor,
     module, optimizer = accelerator.prepare(module, optimizer)
     plan = BatchPlan(windows.shape[0], s.batch_size, s.grad_accum, accelerator.num_processes,
                      accelerator.process_index, s.seed)
-    seq_len = windows.shape[1]
-    tokens_per_step = s.batch_size * seq_len * s.grad_accum * accelerator.num_processes
+    tokens_per_step = s.batch_size * windows.shape[1] * s.grad_accum * accelerator.num_processes
     t0, done = time.perf_counter(), 0
     for step in range(start, s.steps):
         on_policy = s.on_policy_ratio > 0 and is_on_policy(step, s.on_policy_ratio)
-        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "hidden": 0.0}
-        for micro in range(s.grad_accum):
-            x = windows[plan.indices(step, micro)].to(accelerator.device)  # [B, L]
-            prompt_len = None
-            if on_policy:
-                prompt_len = seq_len - s.on_policy_tokens
-                gen = torch.Generator().manual_seed(  # a stream per (seed, step, micro-batch, process)
-                    ((s.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + accelerator.process_index)
-                sampler = accelerator.unwrap_model(module).student
-                sampler.eval()
-                with accelerator.autocast():
-                    x = sample_continuation(sampler, x[:, :prompt_len], s.on_policy_tokens,
-                                            s.sample_temperature, gen)
-                sampler.train()
-            sync = micro == s.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(module)
-            with ctx:
-                loss, parts = micro_batch_loss(module, teacher, x, s.loss, layer_map or [], prompt_len)
-                accelerator.backward(loss / s.grad_accum)
-            sums["loss"] += loss.detach().item() / s.grad_accum
-            for k, v in parts.items():
-                sums[k] += v / s.grad_accum
-        if s.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(module.parameters(), s.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator.num_processes > 1:
-            red = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
-            sums = dict(zip(sums, red.tolist(), strict=True))
+        sums = _optimizer_step(accelerator, module, teacher, windows, plan, s, step, on_policy, layer_map or [],
+                               optimizer, scheduler)
         done += 1
         elapsed = time.perf_counter() - t0
         log = StepLog(run, step + 1, lr, sums["loss"], sums["kd"], sums["ce"], sums["hidden"], on_policy,
                       done * tokens_per_step / elapsed)
         outcome.curve.append(log)
-        if progress is not None and accelerator.is_main_process:
-            progress(Progress(run, step + 1, s.steps, log, elapsed / done * (s.steps - step - 1)))
+        if accelerator.is_main_process:
+            emit(progress, run, step + 1, s.steps, loss=log.loss, kd=log.kd, ce=log.ce, hidden=log.hidden,
+                 on_policy=on_policy, tokens_per_s=log.tokens_per_s, eta_s=elapsed / done * (s.steps - step - 1))
         if s.save_every and checkpoint_root is not None and (step + 1) % s.save_every == 0 and step + 1 < s.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -397,3 +356,40 @@ def train(accelerator, student: torch.nn.Module, teacher, windows: torch.Tensor,
     trained = accelerator.unwrap_model(module).student
     trained.eval()
     return trained, outcome
+
+
+def _optimizer_step(accelerator, module, teacher, windows: torch.Tensor, plan: BatchPlan, s: TrainSettings,
+                    step: int, on_policy: bool, layer_map: list[tuple[int, int]], optimizer, scheduler
+                    ) -> dict[str, float]:
+    """One optimizer step over s.grad_accum micro-batches (on-policy ones sampled from the student first);
+    returns the step's mean loss parts, averaged over processes."""
+    seq_len = windows.shape[1]
+    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "hidden": 0.0}
+    for micro in range(s.grad_accum):
+        x = windows[plan.indices(step, micro)].to(accelerator.device)  # [B, L]
+        prompt_len = None
+        if on_policy:
+            prompt_len = seq_len - s.on_policy_tokens
+            gen = torch.Generator().manual_seed(  # a stream per (seed, step, micro-batch, process)
+                ((s.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + accelerator.process_index)
+            sampler = accelerator.unwrap_model(module).student
+            sampler.eval()
+            with accelerator.autocast():
+                x = sample_continuation(sampler, x[:, :prompt_len], s.on_policy_tokens, s.sample_temperature, gen)
+            sampler.train()
+        sync = micro == s.grad_accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(module):
+            loss, parts = micro_batch_loss(module, teacher, x, s.loss, layer_map, prompt_len)
+            accelerator.backward(loss / s.grad_accum)
+        sums["loss"] += loss.detach().item() / s.grad_accum
+        for k, v in parts.items():
+            sums[k] += v / s.grad_accum
+    if s.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(module.parameters(), s.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator.num_processes > 1:
+        red = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+        sums = dict(zip(sums, red.tolist(), strict=True))
+    return sums

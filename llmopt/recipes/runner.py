@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import inspect
 import json
-import os
 import shutil
 import time
 import typing
@@ -26,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from llmopt import __version__
+from llmopt.progress import Event, Progress
 from llmopt.errors import LlmoptError
 from llmopt.recipes.gates import GateResult, evaluate_gate, flatten_result
 from llmopt.recipes.plan import Recipe, Step
-from llmopt.utils import sha256_json
+from llmopt.utils import sha256_json, write_json
 
 STEP_FILE = "step.json"
 ATTEMPT_FILE = "attempt.json"
@@ -163,7 +162,7 @@ def _execute(step: Step, hashes: dict[str, str], log: Callable[[str], None], pro
         raise type(e)(f"step {step.name} ({step.kind.name}) failed: {e}") from e
     seconds = time.perf_counter() - start
     result_dict = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
-    _write_json_atomic(step.dir / STEP_FILE, {
+    write_json(step.dir / STEP_FILE, {
         "step": step.name, "kind": step.kind.name, "hash": hash_, "config": step.config,
         "inputs": {d: hashes[d] for d in step.deps}, "seconds": seconds, "finished": _now(),
         "llmopt": __version__, "result": result_dict})
@@ -176,7 +175,7 @@ def _fresh_dir(step: Step, hash_: str) -> None:
     if step.dir.exists():
         shutil.rmtree(step.dir)
     step.dir.mkdir(parents=True)
-    _write_json_atomic(step.dir / ATTEMPT_FILE, {"hash": hash_, "started": _now()})
+    write_json(step.dir / ATTEMPT_FILE, {"hash": hash_, "started": _now()})
 
 
 def _resume_args(step: Step) -> Any:
@@ -186,31 +185,25 @@ def _resume_args(step: Step) -> Any:
 
 
 def _call(step: Step, args: Any, log: Callable[[str], None], progress: bool) -> Any:
-    """Call the core function; its optional `progress` is a flag (draws its own bars) or a status callback."""
-    param = inspect.signature(step.kind.run).parameters.get("progress")
-    if param is None:
-        return step.kind.run(args)
-    if isinstance(param.default, bool):
-        return step.kind.run(args, progress=progress)
+    """Call the core function: every step kind is run(args, progress=Progress | None) (llmopt/progress.py)."""
     return step.kind.run(args, progress=_status_printer(step.name, log) if progress else None)
 
 
-def _status_printer(name: str, log: Callable[[str], None], every_s: float = 10.0) -> Callable[[object], None]:
-    """A status callback: text is logged as is; step updates (objects with .step/.steps) every few seconds."""
-    last = [-every_s]
+def _status_printer(name: str, log: Callable[[str], None], every_s: float = 10.0) -> Progress:
+    """Events as log lines: messages as they come, counts every few seconds (and the last of each task)."""
+    last: dict[str, float] = {}
 
-    def status(update: object) -> None:
-        if isinstance(update, str):
-            log(f"{name}: {update}")
+    def status(event: Event) -> None:
+        if event.message is not None:
+            log(f"{name}: {event.message}")
+        if event.done is None:
             return
-        step, steps = getattr(update, "step", None), getattr(update, "steps", None)
         now = time.perf_counter()
-        if step is None or (now - last[0] < every_s and step != steps):
+        if now - last.get(event.task, -every_s) < every_s and event.done != event.total:
             return
-        last[0] = now
-        loss = getattr(getattr(update, "log", None), "loss", None)
-        eta = getattr(update, "eta_s", None)
-        log(f"{name}: {getattr(update, 'run', '')} step {step}/{steps}"
+        last[event.task] = now
+        loss, eta = event.fields.get("loss"), event.fields.get("eta_s")
+        log(f"{name}: {event.task} {event.done}/{event.total if event.total is not None else '?'}"
             + (f"  loss {loss:.4f}" if isinstance(loss, float) else "")
             + (f"  ETA {eta:.0f} s" if isinstance(eta, (int, float)) else ""))
 
@@ -288,13 +281,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_json_atomic(path: Path, obj: object) -> None:
-    """Write then rename, so a kill never leaves a truncated record that looks finished."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _now() -> str:

@@ -26,7 +26,7 @@ def _args(teacher: Path, out: Path, data: Path, **kw) -> DistillArgs:
 
 def _stop_at(step: int):
     def cb(event):
-        if not isinstance(event, str) and event.run == "distill" and event.step == step:
+        if event.task == "distill" and event.done == step:  # a training step's Event (messages have done None)
             raise _Stop
     return cb
 
@@ -38,7 +38,7 @@ from llmopt.distill.api import DistillArgs, distill
 torch.set_num_threads(int(sys.argv[1]))
 
 def die(event):  # SIGKILL: no exception handlers, no cleanup, exactly like a killed job
-    if not isinstance(event, str) and event.step == 5:
+    if event.task == "distill" and event.done == 5:
         os.kill(os.getpid(), signal.SIGKILL)
 
 distill(DistillArgs(**eval(sys.argv[2])), progress=die)

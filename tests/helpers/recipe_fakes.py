@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmopt.progress import Event
 from llmopt.errors import LlmoptError
 from llmopt.recipes.steps import StepKind, register, unregister
 from llmopt.utils import atomic_dir
@@ -57,7 +58,7 @@ class FakeQuantizeArgs:
             raise LlmoptError(f"--bits {self.bits} is not supported: use 4 or 8")
 
 
-def fake_quantize(args: FakeQuantizeArgs, progress: bool = True) -> Result:
+def fake_quantize(args: FakeQuantizeArgs, progress=None) -> Result:
     _log_call("quantize", args.out)
     with atomic_dir(args.out, args.overwrite) as tmp:
         (tmp / "lineage.txt").write_text(f"{lineage(args.model)}|{args.method}{args.bits}")
@@ -88,7 +89,7 @@ def fake_distill(args: FakeDistillArgs, progress=None) -> Result:
     _log_call("distill", args.out, f"from={start}")
     for step in range(start + 1, args.steps + 1):
         if progress is not None:
-            progress(f"step {step}")
+            progress(Event("fake_distill", step, args.steps, message=f"step {step}"))
         if args.save_every and step % args.save_every == 0:
             ckpt = Path(args.checkpoint_dir) / f"step-{step:06d}"
             ckpt.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ def metrics_of(line: str, base: str | None) -> dict:
                        "kv_waste_bytes": 24}}
 
 
-def fake_evaluate(args: FakeEvalArgs) -> Result:
+def fake_evaluate(args: FakeEvalArgs, progress=None) -> Result:
     _log_call("eval", args.json, ",".join(Path(m).parent.name or m for m in args.models))
     results = []
     for model in args.models:
