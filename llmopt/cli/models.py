@@ -30,7 +30,7 @@ def build(
     A cached build of the same recipe, corpus and torch is reused (its recorded figures are shown) unless --force.
     """
     from llmopt.models.builtin import build as build_model, cached_report, get_recipe
-    from llmopt.models.progress import build_progress
+    from llmopt.cli.progress import bars
 
     name = name.removeprefix("builtin:")
     recipe = get_recipe(name)
@@ -40,7 +40,8 @@ def build(
     report = None if force else cached_report(recipe)
     cached = report is not None
     if report is None:
-        report = build_model(name, progress=build_progress(), recipe=recipe)
+        with bars() as progress:
+            report = build_model(name, progress=progress, recipe=recipe)
     t = Table(title=f"builtin:{name}" + (" (cached build)" if cached else ""), show_header=False)
     t.add_row("path", report.path)
     t.add_row("parameters", f"{report.params:,}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from llmopt.calibration import corpus
 from llmopt.calibration.data import token_stream
+from llmopt.progress import Progress, emit
 from llmopt.errors import LlmoptError
 from llmopt.checkpoint.manifest import read_manifest, write_manifest
 from llmopt.utils import atomic_dir, llmopt_home, sha256_json
@@ -91,7 +91,6 @@ class BuildReport:
         return self.unigram_perplexity / self.perplexity
 
 
-ProgressFn = Callable[[int, int, float], None]  # (step, total, loss)
 
 
 def builtin_dir(name: str) -> Path:
@@ -177,7 +176,7 @@ def _lr_at(step: int, r: TinyRecipe) -> float:
     return r.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_model(model, train_wins: torch.Tensor, r: TinyRecipe, progress: ProgressFn | None = None) -> float:
+def train_model(model, train_wins: torch.Tensor, r: TinyRecipe, progress: Progress | None = None) -> float:
     """AdamW with warm-up + cosine over random batches of windows; returns the final smoothed loss."""
     gen = torch.Generator().manual_seed(r.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -201,13 +200,12 @@ def train_model(model, train_wins: torch.Tensor, r: TinyRecipe, progress: Progre
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        if progress:
-            progress(step + 1, r.steps, ema)
+        emit(progress, "building builtin model", step + 1, r.steps, loss=ema)
     model.eval()
     return float(ema)
 
 
-def build(name: str = "tiny", out: Path | None = None, progress: ProgressFn | None = None,
+def build(name: str = "tiny", out: Path | None = None, progress: Progress | None = None,
           recipe: TinyRecipe | None = None, force: bool = False) -> BuildReport:
     """Build (train) a builtin model into `out` (default: the cache) and return what was measured."""
     from transformers import LlamaForCausalLM
@@ -240,7 +238,7 @@ def build(name: str = "tiny", out: Path | None = None, progress: ProgressFn | No
     return report
 
 
-def ensure_built(name: str, progress: ProgressFn | None = None) -> Path:
+def ensure_built(name: str, progress: Progress | None = None) -> Path:
     """Path of a builtin model, building it first when missing or built from another recipe."""
     get_recipe(name)
     if not is_built(name):

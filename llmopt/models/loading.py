@@ -279,7 +279,20 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 
 def _build_progress():
-    """A rich progress callback for building a builtin model on first use (stderr, so JSON on stdout stays clean)."""
-    from llmopt.models.progress import build_progress
+    """Building a builtin model on first use, from inside any command: log lines on stderr every 10% of the
+    steps (the core draws no bars; `llmopt models build` shows a rich bar)."""
+    import logging
 
-    return build_progress()
+    log = logging.getLogger("llmopt")
+    shown = [-1]
+
+    def on_event(e) -> None:
+        if e.done is None or not e.total:
+            return
+        tenth = 10 * e.done // e.total
+        if tenth > shown[0]:
+            shown[0] = tenth
+            log.warning(f"building the builtin model (first use, cached after): step {e.done}/{e.total}, "
+                        f"loss {e.fields.get('loss', float('nan')):.3f}")
+
+    return on_event
