@@ -65,14 +65,22 @@ class EvalArgs:
             object.__setattr__(self, "model", [self.model])
         if not self.model:
             raise LlmoptError("no model given: llmopt eval MODEL [MODEL ...]")
+        self._check_engine()
+        self._check_quality()
+        self.generation_settings()  # validates --gen-tokens, --samples-per-prompt
+        self.workload_spec()  # validates --num-requests, ranges, --request-rate
+        SamplingParams(1, self.temperature, self.top_k, self.top_p, self.seed)  # validates sampling options
+        parse_range(self.output_len, "--output-len")
+
+    def _check_engine(self) -> None:
+        """The engine options: which engine, and the settings only some engines take."""
+        from llmopt.engine.kv_format import check_kv_dtype
         from llmopt.evaluate.engines import ENGINE_MODULES
 
         if self.engine not in ENGINE_MODULES:
             raise LlmoptError(f"--engine must be one of {', '.join(ENGINE_MODULES)} (got {self.engine!r})")
         if self.tp < 1 or (self.tp > 1 and self.engine != "vllm"):
             raise LlmoptError(f"--tp {self.tp}: tensor parallelism needs --engine vllm and a value >= 1")
-        if self.quality_only and self.perf_only:
-            raise LlmoptError("--quality-only and --perf-only switch off both halves: give at most one")
         if self.repeats < 1:
             raise LlmoptError(f"--repeats must be ≥ 1 (got {self.repeats})")
         if self.threads is not None and self.threads < 1:
@@ -87,6 +95,17 @@ class EvalArgs:
             raise LlmoptError("--draft (speculative decoding) runs on --engine llmopt only")
         if self.spec_tokens < 1:
             raise LlmoptError(f"--spec-tokens must be ≥ 1 (got {self.spec_tokens})")
+        check_kv_dtype(self.kv_dtype)
+        if self.kv_dtype != "auto" and self.engine != "llmopt":
+            raise LlmoptError(f"--kv-dtype {self.kv_dtype} sets llmopt's paged KV cache: --engine {self.engine} keeps "
+                              f"its own (use --engine llmopt, or drop --kv-dtype)")
+        if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
+            raise LlmoptError("--block-size, --max-prefill-tokens and --max-num-seqs must be ≥ 1")
+
+    def _check_quality(self) -> None:
+        """The quality half's options and how they combine with the halves switched on."""
+        if self.quality_only and self.perf_only:
+            raise LlmoptError("--quality-only and --perf-only switch off both halves: give at most one")
         if self.seq_len < 2:
             raise LlmoptError(f"--seq-len must be ≥ 2 (got {self.seq_len})")
         if self.stride is not None and not 0 < self.stride <= self.seq_len:
@@ -100,14 +119,6 @@ class EvalArgs:
                               "--perf-only)")
         if self.task_limit is not None and self.task_limit < 1:
             raise LlmoptError(f"--task-limit must be ≥ 1 (got {self.task_limit})")
-        from llmopt.engine.kv_format import check_kv_dtype
-
-        check_kv_dtype(self.kv_dtype)
-        if self.kv_dtype != "auto" and self.engine != "llmopt":
-            raise LlmoptError(f"--kv-dtype {self.kv_dtype} sets llmopt's paged KV cache: --engine {self.engine} keeps "
-                              f"its own (use --engine llmopt, or drop --kv-dtype)")
-        if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
-            raise LlmoptError("--block-size, --max-prefill-tokens and --max-num-seqs must be ≥ 1")
         if self.prompts is None and (self.refusal_patterns or self.refusal_judge or self.chat_template):
             raise LlmoptError("--refusal-patterns, --refusal-judge and --chat-template apply to --prompts: give a "
                               "prompt set (a .jsonl/.csv file or builtin)")
@@ -115,10 +126,6 @@ class EvalArgs:
             raise LlmoptError("--prompts measures quality: drop --perf-only")
         if self.refusal_patterns and self.refusal_judge:
             raise LlmoptError("--refusal-patterns and --refusal-judge are two refusal detectors: give one")
-        self.generation_settings()  # validates --gen-tokens, --samples-per-prompt
-        self.workload_spec()  # validates --num-requests, ranges, --request-rate
-        SamplingParams(1, self.temperature, self.top_k, self.top_p, self.seed)  # validates sampling options
-        parse_range(self.output_len, "--output-len")
 
     def sampling(self):
         """The workload's sampling options (llmopt.evaluate.perf.Sampling)."""
