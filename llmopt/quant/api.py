@@ -227,7 +227,7 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
     prepared = _prepare(args, qargs, dtype)
     timings["load"] = time.perf_counter() - t
     t = time.perf_counter()
-    calib, eval_batch = _load_data(args, prepared.tokenizer)
+    calib, eval_batch = load_data(args, prepared.tokenizer)
     timings["data"] = time.perf_counter() - t
 
     kv_scales = None
@@ -274,7 +274,7 @@ def _prepare(args: QuantizeArgs, qargs: QuantArgs, dtype: torch.dtype) -> _Prepa
     return _Prepared(model, loaded.tokenizer, loaded.path, converted, unfused, is_target, names, by_kind)
 
 
-def _load_data(args: QuantizeArgs, tokenizer):
+def load_data(args: QuantizeArgs, tokenizer):
     """(calibration batch, eval batch or None); the eval set loads before quantizing so a too-short one fails
     before the long part."""
     from llmopt.calibration import DataSpec, load_token_batch

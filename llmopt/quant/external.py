@@ -47,7 +47,7 @@ def _job(args, device: torch.device, dtype: torch.dtype, model_path: Path, calib
 
 def run_backend(args, progress: Progress | None = None):
     """Quantize with the external backend args.backend; its status lines go out as Event messages."""
-    from llmopt.calibration import DataSpec, load_token_batch
+    from llmopt.quant.api import load_data
     from llmopt.models import ModelSpec, resolve_path
     from llmopt.models.loading import load_tokenizer
     from llmopt.utils import atomic_dir, check_out_dir, resolve_device, resolve_dtype
@@ -68,12 +68,7 @@ def run_backend(args, progress: Progress | None = None):
     mspec = ModelSpec(args.model, str(device), dtype_name(dtype), args.trust_remote_code, args.revision)
     model_path = resolve_path(mspec)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    calib = load_token_batch(DataSpec(args.calib, args.split, args.text_field, args.chat_template), tokenizer,
-                             args.samples, args.seq_len, args.seed, "calib")
-    eval_batch = None
-    if args.evaluate:
-        eval_batch = load_token_batch(DataSpec(args.eval_data), tokenizer, args.eval_samples, args.eval_seq_len,
-                                      args.seed, "test")
+    calib, eval_batch = load_data(args, tokenizer)
     timings["data"] = time.perf_counter() - t
 
     scratch = Path(tempfile.mkdtemp(prefix=f"llmopt-{spec.name}-scratch-"))
