@@ -60,10 +60,6 @@ class TokenBatch:
     seed: int
     sha256: str = field(default="")
 
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.numel()
-
 
 def load_texts(spec: DataSpec, purpose: str = "calib") -> list[str]:
     """All non-empty texts of the source for a purpose ('calib', 'test' or 'train')."""

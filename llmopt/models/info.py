@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmopt.utils import text_config
+from llmopt.utils import dtype_name, text_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,7 @@ def model_info(name: str, path: Path, config, dtype: torch.dtype, context: int =
     text = text_config(config)
     return ModelInfo(name=name, architecture=(config.architectures or [type(model).__name__])[0], params=params,
                      layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden_size=text.hidden_size,
-                     vocab_size=text.vocab_size, dtype=str(dtype).removeprefix("torch."), weight_bytes=weight_bytes,
+                     vocab_size=text.vocab_size, dtype=dtype_name(dtype), weight_bytes=weight_bytes,
                      kv_bytes_per_token=layout.layers * per_layer, context=context, batch=batch,
                      kv_bytes=layout.bytes(context, el) * batch, quantization=quant, full_layers=layout.full_layers,
                      sliding_layers=layout.sliding_layers, sliding_window=layout.window,

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from llmopt.errors import LlmoptError
 from llmopt.checkpoint.types import QuantizedWeight
+from llmopt.utils import dtype_name
 
 SHARD_BYTES = 4 << 30  # split weights into files of at most ~4 GiB, like save_pretrained does
 WEIGHTS_NAME = "model.safetensors"
@@ -106,7 +107,7 @@ def model_config_dict(model: torch.nn.Module, quantization_config: dict) -> dict
     cfg = model.config.to_dict()
     cfg["quantization_config"] = quantization_config
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = dtype_name(dtype)
     cfg.pop("torch_dtype", None)
     return cfg
 
