@@ -21,6 +21,7 @@ import torch
 
 from llmopt.distill import losses
 from llmopt.errors import LlmoptError
+from llmopt.models.training import make_optimizer, make_scheduler
 from llmopt.progress import Progress, emit
 from llmopt.utils import atomic_dir, write_json
 
@@ -102,14 +103,6 @@ class DistillModule(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, hidden: bool = False):
         return self.student(input_ids=input_ids, output_hidden_states=hidden, use_cache=False)
-
-
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.1 (the floor keeps late steps useful on short runs)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 def is_on_policy(step: int, ratio: float) -> bool:
@@ -204,14 +197,6 @@ def micro_batch_loss(module, teacher, x: torch.Tensor, settings: LossSettings, l
     parts = {name: part.detach().item() if part is not None else 0.0
              for name, part in (("kd", kd), ("ce", ce), ("hidden", hid))}
     return total, parts
-
-
-def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; no decay on norms and biases (1-D parameters), as is usual for transformers."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -317,7 +302,7 @@ def train(accelerator, student: torch.nn.Module, teacher, windows: torch.Tensor,
     optimizer = make_optimizer(module, s.lr, s.weight_decay)
     # The scheduler is stepped by us once per optimizer step (not prepared: accelerate would step it
     # once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, s.steps, s.warmup))
+    scheduler = make_scheduler(optimizer, s.steps, s.warmup)
     outcome = TrainOutcome()
     start = 0
     if resume is not None:

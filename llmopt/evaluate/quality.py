@@ -5,12 +5,12 @@ Pure functions over models and token windows; float64 accumulation so small KLDs
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from llmopt.models.scoring import NllTotal, batches, prediction_logits
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,16 +23,6 @@ class Quality:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for i in range(0, windows.shape[0], batch_size):
-        yield windows[i:i + batch_size]
-
-
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model(input_ids=x.to(device)).logits[:, :-1].double().cpu()  # [B, L-1, V]
 
 
 def kl_per_token(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -79,17 +69,15 @@ def measure_quality(model, windows: torch.Tensor, baseline=None, batch_size: int
     """Perplexity of `model` on windows [N, L] (every token but each window's first is predicted, or only the
     predictions marked in `scored` [N, L-1]); with `baseline`, KL-divergence from the baseline's next-token
     distribution and top-1 agreement on the same predictions."""
-    nll, count, agree = 0.0, 0, 0
+    total, agree = NllTotal(), 0
     klds: list[torch.Tensor] = []
     if scored is None:
         scored = torch.ones(windows.shape[0], windows.shape[1] - 1, dtype=torch.bool)
-    for x, keep in zip(_batches(windows, batch_size), _batches(scored, batch_size)):
-        logits = _logits(model, x)[keep]  # [K, V]
-        targets = x[:, 1:][keep]  # [K]
-        nll += F.cross_entropy(logits, targets, reduction="sum").item()
-        count += targets.numel()
+    for x, keep in zip(batches(windows, batch_size), batches(scored, batch_size), strict=True):
+        logits = prediction_logits(model, x)[keep]  # [K, V]
+        total.add(logits, x[:, 1:][keep])
         if baseline is not None:
-            base = _logits(baseline, x)[keep]
+            base = prediction_logits(baseline, x)[keep]
             if base.shape[-1] != logits.shape[-1]:
                 from llmopt.errors import LlmoptError
 
@@ -97,8 +85,8 @@ def measure_quality(model, windows: torch.Tensor, baseline=None, batch_size: int
                                   f"KLD needs the same tokenizer")
             klds.append(kl_per_token(base, logits))
             agree += (base.argmax(-1) == logits.argmax(-1)).sum().item()
-    ppl = math.exp(nll / count)
     if baseline is None:
-        return Quality(ppl, count)
+        return Quality(total.perplexity, total.tokens)
     kld = torch.cat(klds)
-    return Quality(ppl, count, kld.mean().item(), torch.quantile(kld.float(), 0.99).item(), agree / count)
+    return Quality(total.perplexity, total.tokens, kld.mean().item(), torch.quantile(kld.float(), 0.99).item(),
+                   agree / total.tokens)

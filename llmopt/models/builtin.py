@@ -17,9 +17,11 @@ import torch
 
 from llmopt.calibration import corpus
 from llmopt.calibration.data import token_stream
-from llmopt.progress import Progress, emit
-from llmopt.errors import LlmoptError
 from llmopt.checkpoint.manifest import read_manifest, write_manifest
+from llmopt.errors import LlmoptError
+from llmopt.models.scoring import perplexity
+from llmopt.models.training import make_optimizer, make_scheduler
+from llmopt.progress import Progress, emit
 from llmopt.utils import atomic_dir, llmopt_home, sha256_json
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3
@@ -91,16 +93,13 @@ class BuildReport:
         return self.unigram_perplexity / self.perplexity
 
 
-
-
 def builtin_dir(name: str) -> Path:
     return llmopt_home() / "builtin" / name
 
 
 def recipe_key(recipe: TinyRecipe) -> str:
-    import torch as _t
-
-    return sha256_json({"recipe": asdict(recipe), "corpus": corpus.corpus_fingerprint(), "torch": _t.__version__})[:16]
+    return sha256_json({"recipe": asdict(recipe), "corpus": corpus.corpus_fingerprint(),
+                        "torch": torch.__version__})[:16]
 
 
 def get_recipe(name: str) -> TinyRecipe:
@@ -148,19 +147,6 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     return stream[: n * seq_len].view(n, seq_len)
 
 
-@torch.inference_mode()
-def perplexity(model, wins: torch.Tensor, batch_size: int = 16) -> float:
-    """Perplexity over the windows: every token but each window's first is predicted."""
-    nll, count = 0.0, 0
-    for i in range(0, wins.shape[0], batch_size):
-        x = wins[i:i + batch_size]  # [B, L]
-        logits = model(input_ids=x).logits[:, :-1].float()  # [B, L-1, V]
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
-
-
 def unigram_perplexity(train: torch.Tensor, wins: torch.Tensor, vocab_size: int) -> float:
     """Perplexity of an add-one-smoothed unigram model fitted on train, on the same tokens as `perplexity`."""
     counts = torch.bincount(train, minlength=vocab_size).double() + 1.0
@@ -169,20 +155,11 @@ def unigram_perplexity(train: torch.Tensor, wins: torch.Tensor, vocab_size: int)
     return math.exp(-logp[targets].mean().item())
 
 
-def _lr_at(step: int, r: TinyRecipe) -> float:
-    if step < r.warmup:
-        return r.lr * (step + 1) / r.warmup
-    t = (step - r.warmup) / max(1, r.steps - r.warmup)
-    return r.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train_model(model, train_wins: torch.Tensor, r: TinyRecipe, progress: Progress | None = None) -> float:
     """AdamW with warm-up + cosine over random batches of windows; returns the final smoothed loss."""
     gen = torch.Generator().manual_seed(r.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    opt = make_optimizer(model, r.lr, r.weight_decay)
+    schedule = make_scheduler(opt, r.steps, r.warmup)
     model.train()
     ema = None
     order = torch.randperm(train_wins.shape[0], generator=gen)
@@ -192,12 +169,11 @@ def train_model(model, train_wins: torch.Tensor, r: TinyRecipe, progress: Progre
             order, pos = torch.randperm(train_wins.shape[0], generator=gen), 0
         x = train_wins[order[pos:pos + r.batch_size]]  # [B, L]
         pos += r.batch_size
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, r)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         emit(progress, "building builtin model", step + 1, r.steps, loss=ema)
@@ -222,7 +198,7 @@ def build(name: str = "tiny", out: Path | None = None, progress: Progress | None
     if r.trainable:
         final_loss = train_model(model, windows(train_stream, r.seq_len), r, progress)
     model.eval()
-    ppl = perplexity(model, test_wins)
+    ppl = perplexity(model, test_wins, batch_size=16)
     uni = unigram_perplexity(train_stream, test_wins, r.vocab_size)
     report = BuildReport(r.name, str(out), sum(p.numel() for p in model.parameters()), r.steps if r.trainable else 0,
                          train_stream.numel(), final_loss, test_wins[:, 1:].numel(), ppl, uni,

@@ -1,4 +1,5 @@
-"""Trainer pieces that decide the trajectory: batch plan, on-policy schedule, sampling, lr schedule."""
+"""Trainer pieces that decide the trajectory: batch plan, on-policy schedule, sampling (the lr schedule is
+tests/models/test_training.py)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,6 @@ def test_batch_plan_covers_each_epoch_once_and_splits_processes():
 def test_on_policy_schedule_hits_the_ratio_exactly(ratio):
     flags = [trainer.is_on_policy(s, ratio) for s in range(120)]
     assert sum(flags) == int(120 * ratio + 1e-9)
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    f = [trainer.lr_factor(s, 100, 10) for s in range(100)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert f[-1] == pytest.approx(0.1, abs=1e-3)
 
 
 def test_cached_sampling_equals_recomputed_sampling():
