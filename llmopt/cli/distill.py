@@ -9,10 +9,20 @@ from typing import Annotated
 import typer
 
 from llmopt.cli.console import err
-from llmopt.progress import Event
 from llmopt.cli.console import out as stdout
-from llmopt.cli.options import (ChatTemplate, Device, Json, Out, Overwrite, Seed, SeqLen, Split, TextField,
-                                TrustRemoteCode)
+from llmopt.cli.options import (
+    ChatTemplate,
+    Device,
+    Json,
+    Out,
+    Overwrite,
+    Seed,
+    SeqLen,
+    Split,
+    TextField,
+    TrustRemoteCode,
+)
+from llmopt.progress import Event
 
 _T = "Teacher & student"
 _D = "Data"
@@ -120,8 +130,14 @@ class _ProgressView:
     """Rich progress on stderr: one bar per training run with step, loss parts, tokens/s and ETA."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),

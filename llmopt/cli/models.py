@@ -29,8 +29,9 @@ def build(
 
     A cached build of the same recipe, corpus and torch is reused (its recorded figures are shown) unless --force.
     """
-    from llmopt.models.builtin import build as build_model, cached_report, get_recipe
     from llmopt.cli.progress import bars
+    from llmopt.models.builtin import build as build_model
+    from llmopt.models.builtin import cached_report, get_recipe
 
     name = name.removeprefix("builtin:")
     recipe = get_recipe(name)
@@ -73,7 +74,13 @@ def info(
     Sliding-window layers are counted apart and hold at most `window` tokens; MLA models show both the
     decompressed K/V llmopt's engine caches and the latent (kv_lora_rank + qk_rope_head_dim) vLLM caches.
     """
-    from llmopt.models import ModelSpec, check_weights, load_config, model_info, resolve_path
+    from llmopt.models import (
+        ModelSpec,
+        check_weights,
+        load_config,
+        model_info,
+        resolve_path,
+    )
     from llmopt.utils import resolve_device, resolve_dtype
 
     if context <= 0 or batch <= 0:

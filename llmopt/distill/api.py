@@ -15,13 +15,27 @@ from typing import Any
 
 import torch
 
-from llmopt.distill import losses, student as students
-from llmopt.distill.trainer import (LossSettings, StepLog, TrainSettings, find_checkpoint,
-                                    remove_checkpoints, train, verify_checkpoint)
-from llmopt.errors import LlmoptError
 from llmopt.checkpoint.manifest import write_manifest
+from llmopt.distill import losses
+from llmopt.distill import student as students
+from llmopt.distill.trainer import (
+    LossSettings,
+    StepLog,
+    TrainSettings,
+    find_checkpoint,
+    remove_checkpoints,
+    train,
+    verify_checkpoint,
+)
+from llmopt.errors import LlmoptError
 from llmopt.progress import Progress, emit
-from llmopt.utils import atomic_dir, check_out_dir, dtype_name, resolve_device, sha256_json
+from llmopt.utils import (
+    atomic_dir,
+    check_out_dir,
+    dtype_name,
+    resolve_device,
+    sha256_json,
+)
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # Fields that do not change the training trajectory: a resume may differ in these.

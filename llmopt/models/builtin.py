@@ -126,7 +126,14 @@ def is_built(name: str) -> bool:
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE (no unknown bytes) wrapped as a transformers fast tokenizer that adds BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
 import re
 import types
 import typing
@@ -35,7 +34,7 @@ from typing import Any
 from llmopt.errors import LlmoptError
 from llmopt.recipes import gates as gates_mod
 from llmopt.recipes.source import KeyPath, Source, apply_set, load_source
-from llmopt.recipes.steps import StepKind, kinds, unavailable
+from llmopt.recipes.steps import StepKind, kinds
 
 TOP_KEYS = ("name", "description", "outputs", "vars", "defaults", "steps", "gates")
 _NAME = re.compile(r"[A-Za-z_]\w*")
@@ -159,9 +158,6 @@ def _step_kind(src: Source, sname: str, body: Any, known: dict[str, StepKind]) -
     if kind is None:
         raise src.error(path, f"missing `kind:` (one of {', '.join(sorted(known))})")
     if not isinstance(kind, str) or kind not in known:
-        reason = unavailable().get(kind) if isinstance(kind, str) else None
-        if reason:
-            raise src.error(path + ("kind",), f"step kind {kind!r} is not available: {reason}")
         raise src.error(path + ("kind",), f"unknown step kind {kind!r}: use one of {', '.join(sorted(known))}")
     return known[kind]
 
@@ -199,29 +195,24 @@ def _build_step(ctx: _Context, sname: str, body: dict, kind: StepKind, defaults:
         if missing:
             raise src.error(path, f"missing option(s) for a {kind.name} step: {', '.join(missing)}") from None
         raise src.error(path, str(e)) from None
-    tasks = set(_as_list(getattr(args, "tasks"))) if kind.evaluates and "tasks" in kind.fields else None
+    tasks = set(_as_list(args.tasks)) if kind.evaluates and "tasks" in kind.fields else None
     return Step(sname, kind, _jsonable(config), args, list(dict.fromkeys(deps)), step_dir, src.where(path),
                 {_interpolate(ctx, path, m, sname, []): n for m, n in model_names.items()}, tasks)
 
 
 def _managed_values(kind: StepKind, step_dir: Path) -> dict[str, Any]:
-    """What the runner sets: the step's checkpoint dir, replaced on a re-run; eval report files in the step dir."""
-    values: dict[str, Any] = {}
-    for name in kind.managed:
-        if name == "out":
-            values[name] = step_out(step_dir.parent, step_dir.name) if kind.produces_model else step_dir
-        elif name == "overwrite":
-            values[name] = True
-        elif name == "checkpoint_dir":
-            values[name] = step_dir / "checkpoints"
-        elif name == "resume":
-            values[name] = None if typing.get_type_hints(kind.args).get(name) is not bool else False
-        elif name in ("json", "csv"):
-            if typing.get_type_hints(kind.args).get(name) is not bool:  # a path option (not a --json print flag)
-                values[name] = step_dir / f"eval.{name}"
-        elif name == "plot":
-            values[name] = None  # the recipe's report draws one plot over every eval step
-    return values
+    """What the runner sets (steps.RUNNER_FIELDS): the step's checkpoint dir, replaced on a re-run; its
+    resumable checkpoints; eval report files in the step dir."""
+    values: dict[str, Any] = {
+        "out": step_out(step_dir.parent, step_dir.name) if kind.produces_model else step_dir,
+        "overwrite": True,
+        "checkpoint_dir": step_dir / "checkpoints",
+        "resume": None,  # a fresh start; the runner passes the checkpoint folder to resume a killed step
+        "json": step_dir / "eval.json",
+        "csv": step_dir / "eval.csv",
+        "plot": None,  # the recipe's report draws one plot over every eval step
+    }
+    return {name: values[name] for name in kind.managed}
 
 
 def _name_models(ctx: _Context, path: KeyPath, kind: StepKind, raw: dict) -> tuple[dict, dict[str, str]]:
@@ -313,18 +304,12 @@ def _coerce_to(value: Any, hint: Any) -> Any:
             except _Mismatch:
                 continue
         raise _Mismatch(" or ".join(_type_name(a) for a in args))
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise _Mismatch("one of " + ", ".join(map(repr, args)))
-    if origin in (list, tuple) or hint in (list, tuple):
-        if isinstance(value, (str, int, float)) and origin is list:
+    if origin is list or hint is list:
+        if isinstance(value, (str, int, float)):
             value = [value]  # one item needs no brackets
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, list):
             raise _Mismatch(f"a list ({_type_name(hint)})")
-        item = args[0] if args and (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else Any
-        items = [_coerce_to(v, item) for v in value]
-        return tuple(items) if origin is tuple or hint is tuple else items
+        return [_coerce_to(v, args[0] if args else Any) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -350,11 +335,6 @@ def _coerce_to(value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return Path(value)
         raise _Mismatch("a path")
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            raise _Mismatch("one of " + ", ".join(repr(m.value) for m in hint)) from None
     return value  # anything else: the Args' own validation decides
 
 
@@ -436,8 +416,8 @@ def _as_list(value: Any) -> list[str]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (Path, enum.Enum)):
-        return str(value.value if isinstance(value, enum.Enum) else value)
+    if isinstance(value, Path):
+        return str(value)
     return value

@@ -108,8 +108,8 @@ def _num(v: float | None) -> str:
 
 def markdown(report: RunReport, table: list[dict], png: str | None) -> str:
     lines = [f"# llmopt run: {report.recipe}", "",
-             f"Recipe `{report.file}`, outputs `{report.outputs}`, llmopt {__version__}, "
-             f"wall time {report.wall_s:.1f} s (steps skipped as unchanged count their earlier time below).", "",
+             (f"Recipe `{report.file}`, outputs `{report.outputs}`, llmopt {__version__}, "
+              f"wall time {report.wall_s:.1f} s (steps skipped as unchanged count their earlier time below)."), "",
              "## Steps", "", "| step | kind | status | time (s) | its own metrics |", "|---|---|---|---:|---|"]
     lines += [f"| {s.name} | {s.kind} | {s.status} | {s.seconds:.1f} | {_step_metrics(s.result)} |"
               for s in report.steps]

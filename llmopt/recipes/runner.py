@@ -16,7 +16,6 @@ import fcntl
 import json
 import shutil
 import time
-import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from llmopt import __version__
-from llmopt.progress import Event, Progress
 from llmopt.errors import LlmoptError
+from llmopt.progress import Event, Progress
 from llmopt.recipes.gates import GateResult, evaluate_gate, flatten_result
 from llmopt.recipes.plan import Recipe, Step
 from llmopt.utils import sha256_json, write_json
@@ -179,9 +178,8 @@ def _fresh_dir(step: Step, hash_: str) -> None:
 
 
 def _resume_args(step: Step) -> Any:
-    """The step's args with resume on: True for a flag, else the checkpoint folder to resume from."""
-    flag = typing.get_type_hints(step.kind.args).get("resume") is bool
-    return dataclasses.replace(step.args, resume=True if flag else step.checkpoints)
+    """The step's args with resume set to the checkpoint folder to resume from."""
+    return dataclasses.replace(step.args, resume=step.checkpoints)
 
 
 def _call(step: Step, args: Any, log: Callable[[str], None], progress: bool) -> Any:

@@ -23,7 +23,7 @@ class StepKind:
 
     name: str
     args: type  # a dataclass whose __post_init__ validates
-    run: Callable[..., Any]  # run(args[, progress=...]) -> result with .to_dict()
+    run: Callable[..., Any]  # run(args, progress=Progress | None) -> result with .to_dict()
     produces_model: bool  # its `out` is a checkpoint that later steps can use as a model
     evaluates: bool = False  # its result is an eval report: {"results": [{"model": ..., "quality": ...}, ...]}
 
@@ -51,14 +51,23 @@ class StepKind:
         return [name for name in self.fields if name in RUNNER_FIELDS]
 
 
+@dataclass(frozen=True, slots=True)
+class _BuiltinKind:
+    """Where a real command's Args and core function live (imported on first use: they pull in torch)."""
+
+    module: str
+    args: str
+    run: str
+    produces_model: bool
+    evaluates: bool
+
+
 _KINDS: dict[str, StepKind] = {}
-# The real commands, imported on first use (their modules pull in torch and transformers).
 _BUILTIN = {
-    "quantize": ("llmopt.quant.api", "QuantizeArgs", "quantize", True, False),
-    "distill": ("llmopt.distill.api", "DistillArgs", "distill", True, False),
-    "eval": ("llmopt.evaluate.api", "EvalArgs", "evaluate", False, True),
+    "quantize": _BuiltinKind("llmopt.quant.api", "QuantizeArgs", "quantize", produces_model=True, evaluates=False),
+    "distill": _BuiltinKind("llmopt.distill.api", "DistillArgs", "distill", produces_model=True, evaluates=False),
+    "eval": _BuiltinKind("llmopt.evaluate.api", "EvalArgs", "evaluate", produces_model=False, evaluates=True),
 }
-_UNAVAILABLE: dict[str, str] = {}
 
 
 def register(kind: StepKind) -> None:
@@ -71,21 +80,8 @@ def unregister(name: str) -> None:
 
 def kinds() -> dict[str, StepKind]:
     """Every usable step kind, the built-in ones imported on first call."""
-    for name, (module, args, fn, produces, evaluates) in _BUILTIN.items():
-        if name in _KINDS or name in _UNAVAILABLE:
-            continue
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # a dependency of an existing module is missing: that is a real error
-                raise
-            _UNAVAILABLE[name] = f"{module} is not in this build"
-            continue
-        register(StepKind(name, getattr(mod, args), getattr(mod, fn), produces, evaluates))
+    for name, b in _BUILTIN.items():
+        if name not in _KINDS:
+            mod = importlib.import_module(b.module)
+            register(StepKind(name, getattr(mod, b.args), getattr(mod, b.run), b.produces_model, b.evaluates))
     return dict(_KINDS)
-
-
-def unavailable() -> dict[str, str]:
-    """Built-in kinds whose module is missing, with the reason."""
-    kinds()
-    return dict(_UNAVAILABLE)
