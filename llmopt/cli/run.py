@@ -25,17 +25,17 @@ def run(
 
     Steps whose config and inputs are unchanged since a finished run are skipped, so a killed run resumes.
     """
-    from llmopt.recipes import load_recipe, report, run_recipe
-    from llmopt.recipes.runner import done_record, step_hashes
+    from llmopt.recipes import load_recipe, run_recipe, summary
+    from llmopt.recipes.execute import done_record, step_hashes
 
     plan = load_recipe(recipe, set_ or [], outputs)
     if dry_run:
         hashes = step_hashes(plan)
-        report.render_plan(plan, {s.name: done_record(s, hashes[s.name]) is not None for s in plan.steps}, out)
+        summary.render_plan(plan, {s.name: done_record(s, hashes[s.name]) is not None for s in plan.steps}, out)
         return
     result = run_recipe(plan, log=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
-    paths = report.write_report(result)
-    report.render(result, out, paths)
+    paths = summary.write_report(result)
+    summary.render(result, out, paths)
     if not result.passed:
         failed = [g.gate for g in result.gates if not g.passed]
         raise CheckFailed(f"{len(failed)} of {len(result.gates)} gates failed ({'; '.join(failed)}): "

@@ -48,7 +48,7 @@ def step_out(outputs: Path, name: str) -> Path:
 
 
 @dataclass(slots=True)
-class Step:
+class PlannedStep:
     """One resolved step: its options after defaults, --set and ${...} references, and its Args."""
 
     name: str
@@ -84,10 +84,10 @@ class Recipe:
     file: str
     description: str
     outputs: Path
-    steps: list[Step]  # in run order (dependencies first, else recipe order)
+    steps: list[PlannedStep]  # in run order (dependencies first, else recipe order)
     gates: list[PlannedGate]
 
-    def step(self, name: str) -> Step:
+    def step(self, name: str) -> PlannedStep:
         return next(s for s in self.steps if s.name == name)
 
 
@@ -162,7 +162,7 @@ def _step_kind(src: Source, sname: str, body: Any, known: dict[str, StepKind]) -
     return known[kind]
 
 
-def _build_step(ctx: _Context, sname: str, body: dict, kind: StepKind, defaults: dict) -> Step:
+def _build_step(ctx: _Context, sname: str, body: dict, kind: StepKind, defaults: dict) -> PlannedStep:
     src, path = ctx.src, ("steps", sname)
     options = {k: v for k, v in body.items() if k != "kind"}
     for key in options:
@@ -196,7 +196,7 @@ def _build_step(ctx: _Context, sname: str, body: dict, kind: StepKind, defaults:
             raise src.error(path, f"missing option(s) for a {kind.name} step: {', '.join(missing)}") from None
         raise src.error(path, str(e)) from None
     tasks = set(_as_list(args.tasks)) if kind.evaluates and "tasks" in kind.fields else None
-    return Step(sname, kind, _jsonable(config), args, list(dict.fromkeys(deps)), step_dir, src.where(path),
+    return PlannedStep(sname, kind, _jsonable(config), args, list(dict.fromkeys(deps)), step_dir, src.where(path),
                 {_interpolate(ctx, path, m, sname, []): n for m, n in model_names.items()}, tasks)
 
 
@@ -342,13 +342,13 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _order(src: Source, steps: list[Step]) -> list[Step]:
+def _order(src: Source, steps: list[PlannedStep]) -> list[PlannedStep]:
     """Dependencies first, otherwise the recipe's order; a cycle is an error naming it."""
     by_name = {s.name: s for s in steps}
-    done: dict[str, Step] = {}
+    done: dict[str, PlannedStep] = {}
     visiting: list[str] = []
 
-    def visit(step: Step) -> None:
+    def visit(step: PlannedStep) -> None:
         if step.name in done:
             return
         if step.name in visiting:
@@ -365,9 +365,9 @@ def _order(src: Source, steps: list[Step]) -> list[Step]:
     return list(done.values())
 
 
-def _result_names(src: Source, steps: list[Step]) -> dict[str, Step]:
+def _result_names(src: Source, steps: list[PlannedStep]) -> dict[str, PlannedStep]:
     """Every model name gates may use → the eval step that reports it; names must be unique."""
-    names: dict[str, Step] = {}
+    names: dict[str, PlannedStep] = {}
     for step in steps:
         for name in step.model_names.values():
             if name in names and names[name] is not step:
@@ -377,7 +377,7 @@ def _result_names(src: Source, steps: list[Step]) -> dict[str, Step]:
     return names
 
 
-def _plan_gate(src: Source, path: KeyPath, text: Any, names: dict[str, Step]) -> PlannedGate:
+def _plan_gate(src: Source, path: KeyPath, text: Any, names: dict[str, PlannedStep]) -> PlannedGate:
     if not isinstance(text, str):
         raise src.error(path, "a gate is a string such as 'gptq4.kld_mean < 0.02'")
     try:

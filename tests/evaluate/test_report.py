@@ -61,7 +61,7 @@ def test_pareto_front_skips_nan_points():
 
 
 def test_recipe_report_plot_is_the_eval_plot(tmp_path):
-    from llmopt.recipes.report import plot
+    from llmopt.recipes.summary import plot
 
     table_rows = [{"name": "float", "output_tokens_per_s": 100.0, "kld_mean": 0.0, "perplexity": 10.0},
                   {"name": "int4", "output_tokens_per_s": 180.0, "kld_mean": 0.02, "perplexity": 10.4}]

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from llmopt import __version__
 from llmopt.recipes.plan import Recipe
-from llmopt.recipes.runner import RunReport
+from llmopt.recipes.execute import RunReport
 from llmopt.utils import write_json
 
 # (flat metric, header, format); a column shows only when some model has a value for it.

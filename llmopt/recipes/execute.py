@@ -26,7 +26,7 @@ from llmopt import __version__
 from llmopt.errors import LlmoptError
 from llmopt.progress import Event, Progress
 from llmopt.recipes.gates import GateResult, evaluate_gate, flatten_result
-from llmopt.recipes.plan import Recipe, Step
+from llmopt.recipes.plan import Recipe, PlannedStep
 from llmopt.utils import sha256_json, write_json
 
 STEP_FILE = "step.json"
@@ -81,7 +81,7 @@ def step_hashes(recipe: Recipe) -> dict[str, str]:
     return hashes
 
 
-def done_record(step: Step, hash_: str) -> dict | None:
+def done_record(step: PlannedStep, hash_: str) -> dict | None:
     """The step's saved record when it finished with this hash and its output is still there."""
     record = _read_json(step.dir / STEP_FILE)
     if record is None or record.get("hash") != hash_:
@@ -137,7 +137,7 @@ def _lock(outputs: Path) -> Iterator[None]:
         yield
 
 
-def _execute(step: Step, hashes: dict[str, str], log: Callable[[str], None], progress: bool) -> StepRecord:
+def _execute(step: PlannedStep, hashes: dict[str, str], log: Callable[[str], None], progress: bool) -> StepRecord:
     hash_ = hashes[step.name]
     attempt = _read_json(step.dir / ATTEMPT_FILE)
     resumable = ("resume" in step.kind.managed and attempt is not None and attempt.get("hash") == hash_
@@ -169,7 +169,7 @@ def _execute(step: Step, hashes: dict[str, str], log: Callable[[str], None], pro
     return StepRecord(step.name, step.kind.name, "ran", seconds, hash_, result_dict)
 
 
-def _fresh_dir(step: Step, hash_: str) -> None:
+def _fresh_dir(step: PlannedStep, hash_: str) -> None:
     """Remove what an earlier (stale or killed) attempt left, then mark this attempt's start."""
     if step.dir.exists():
         shutil.rmtree(step.dir)
@@ -177,12 +177,12 @@ def _fresh_dir(step: Step, hash_: str) -> None:
     write_json(step.dir / ATTEMPT_FILE, {"hash": hash_, "started": _now()})
 
 
-def _resume_args(step: Step) -> Any:
+def _resume_args(step: PlannedStep) -> Any:
     """The step's args with resume set to the checkpoint folder to resume from."""
     return dataclasses.replace(step.args, resume=step.checkpoints)
 
 
-def _call(step: Step, args: Any, log: Callable[[str], None], progress: bool) -> Any:
+def _call(step: PlannedStep, args: Any, log: Callable[[str], None], progress: bool) -> Any:
     """Call the core function: every step kind is run(args, progress=Progress | None) (llmopt/progress.py)."""
     return step.kind.run(args, progress=_status_printer(step.name, log) if progress else None)
 
