@@ -49,10 +49,9 @@ def _matmul_rate(threads: int, a: torch.Tensor, b: torch.Tensor, seconds: float)
 def default_threads() -> int:
     """torch threads when --threads is not given: the faster of 1 thread and every usable core, timed here (about
     0.6 s, once per process) on a matmul the size of an engine step's MLP ([128, 256] @ [256, 768]), medians of 3
-    interleaved rounds. All cores win on a quiet machine (issue 14, quiet 2-core machine: 2 threads gave the engine
-    1.64× the tok/s of 1); on one whose cores other work keeps busy, threads that wait for a descheduled sibling make
-    every op slower (same machine under a load average of 3.5–5: the engine ran 1,308 tok/s at 1 thread, 346 at 2,
-    and this probe 2,200 vs 90 matmuls/s), and 1 thread wins. Benchmarks pin --threads instead."""
+    interleaved rounds. All cores win on a quiet machine; on one whose cores other work keeps busy, threads that wait
+    for a descheduled sibling make every op slower and 1 thread wins (figures: README, Measured results, "Default
+    threads"). Benchmarks pin --threads instead."""
     cores = usable_cores()
     if cores == 1:
         return 1
@@ -220,8 +219,8 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU with AVX512-BF16/AMX (oneDNN's check;
-    2.2–2.7× fp32 on the dev machine). A torch build without the private probe counts as no."""
+    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU with AVX512-BF16/AMX (oneDNN's check). A torch
+    build without the private probe counts as no."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:

@@ -1,4 +1,4 @@
-"""The runner on the real quantize, distill and eval cores, on the test-sized trained model (CPU, ~1 minute)."""
+"""The recipe executor on the real quantize, distill and eval cores, on the test-sized trained model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The runner on fake steps: order, report, gates, skip-unchanged, --set, --dry-run, kill -9 and resume."""
+"""The recipe executor on fake steps: order, report, gates, skip-unchanged, --set, --dry-run, kill -9 and resume."""
 
 from __future__ import annotations
 
