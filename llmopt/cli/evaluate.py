@@ -87,6 +87,7 @@ def evaluate(
     from llmopt.evaluate.api import EvalArgs
     from llmopt.evaluate.api import evaluate as run_eval
     from llmopt.evaluate.report import finite, table
+    from llmopt.evaluate.utilization import line as utilization_line
 
     task_list = [t.strip() for item in (tasks or []) for t in item.split(",") if t.strip()] or None
     args = EvalArgs(model=list(model), baseline=baseline, data=data, split=split, text_field=text_field,
@@ -124,6 +125,10 @@ def evaluate(
         if sp:
             out.print(f"{r['model']}: output tok/s median {r['perf']['output_tokens_per_s']:.1f} over "
                       f"{r['perf']['repeats']} runs (spread {sp[0]:.1f}–{sp[1]:.1f})")
+        u = r["perf"].get("utilization")
+        if u and u.get("cpu_percent"):
+            out.print(f"{r['model']}: utilisation over the timed runs ({u['samples']} samples every "
+                      f"{u['interval_s']} s): {utilization_line(u)}")
         if r["quality"].get("tasks"):
             out.print(f"{r['model']}: tasks {json.dumps(r['quality']['tasks'])}")
         g = r["quality"].get("generation")

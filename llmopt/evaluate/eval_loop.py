@@ -34,6 +34,7 @@ from llmopt.evaluate.refusal import (
     load_patterns,
 )
 from llmopt.evaluate.types import EvalArgs, ModelReport
+from llmopt.evaluate.utilization import UtilizationSampler
 from llmopt.evaluate.workload import make_workload
 from llmopt.models import (
     ModelSpec,
@@ -167,7 +168,7 @@ class EvalRunner:
         perf = {"engine": a.engine, "threads": torch.get_num_threads(), "repeats": None,
                 "output_tokens_per_s": None, "total_tokens_per_s": None, "requests_per_s": None,
                 "ttft_ms": None, "tpot_ms": None, "itl_ms": None, "e2el_ms": None,
-                "cost_per_1k_output_tokens": None}
+                "cost_per_1k_output_tokens": None, "utilization": None}
         memory = {"weight_bytes": weight_bytes(loaded.model), "kv_bytes_allocated": None, "kv_bytes_formula": None,
                   "kv_waste_bytes": None}
         speculative = None
@@ -262,9 +263,10 @@ class EvalRunner:
         engine = build_engine(a.engine, EngineContext(loaded, a, requests, draft))
         if a.warmup:
             engine.run(warmup_requests(requests, batched=engine.warmup_batched), None)
-        runs = [engine.run(requests, Counter(self.progress, f"perf {name} ({a.engine}) run {i + 1}/{a.repeats}",
-                                             len(requests)))
-                for i in range(a.repeats)]
+        with UtilizationSampler(loaded.device) as sampler:  # the timed runs only, not the warm-up
+            runs = [engine.run(requests, Counter(self.progress, f"perf {name} ({a.engine}) run {i + 1}/{a.repeats}",
+                                                 len(requests)))
+                    for i in range(a.repeats)]
         s = summarize([r.metrics for r in runs])
         m = s.median
         perf = {"repeats": s.repeats, "output_tokens_per_s": m["output_tokens_per_s"],
@@ -272,7 +274,8 @@ class EvalRunner:
                 "ttft_ms": m["ttft_ms"], "tpot_ms": m["tpot_ms"], "itl_ms": m["itl_ms"], "e2el_ms": m["e2el_ms"],
                 "cost_per_1k_output_tokens": cost_per_1k_output_tokens(a.price_per_hour, m["output_tokens_per_s"]),
                 "num_requests": m["num_requests"], "input_tokens": m["input_tokens"],
-                "output_tokens": m["output_tokens"], "duration_s": m["duration_s"], "spread": s.spread}
+                "output_tokens": m["output_tokens"], "duration_s": m["duration_s"], "spread": s.spread,
+                "utilization": sampler.result.to_dict()}
         layers, _, kv_heads, head_dim = attention_shape(loaded.model.config)
         el = loaded.model.get_input_embeddings().weight.element_size()
         kv = runs[-1].kv

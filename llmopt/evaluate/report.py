@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from llmopt.evaluate import utilization
 from llmopt.utils import atomic_write
 
 _STATS = ("mean", "p50", "p95", "p99")
@@ -90,7 +91,7 @@ def table(result: dict) -> Table:
     kv_measured = any(r["quality"].get("kv_kld_mean") is not None for r in result["results"])
     kv_cols = ("KV dtype", "KV KLD", "KV top-1") if kv_measured else ()  # --kv-dtype vs float KV, through the engine
     for col in ("model", "method", "size", "ppl", "Δppl", "KLD", "top-1", *kv_cols, *gen_cols, "TTFT ms p50/p95/p99",
-                "TPOT ms p50/p95/p99", "tok/s", "req/s", "KV bytes", "cost/1k tok"):
+                "TPOT ms p50/p95/p99", "tok/s", "req/s", "util % mean/p95", "KV bytes", "cost/1k tok"):
         t.add_column(col, justify="left" if col in ("model", "method") else "right")
     for r in result["results"]:
         q, p, m = r["quality"], r["perf"], r["memory"]
@@ -101,6 +102,7 @@ def table(result: dict) -> Table:
                   *(_kv_cells(q) if kv_measured else ()), *(_generation_cells(q) if generated else ()),
                   _three(p.get("ttft_ms")),
                   _three(p.get("tpot_ms")), _fmt(p.get("output_tokens_per_s"), 1), _fmt(p.get("requests_per_s"), 2),
+                  utilization.describe(p.get("utilization")),
                   _bytes(m.get("kv_bytes_allocated") if m.get("kv_bytes_allocated") is not None
                          else m.get("kv_bytes_formula")),
                   _fmt(p.get("cost_per_1k_output_tokens"), 5))
@@ -128,6 +130,8 @@ def flat_row(r: dict) -> dict:
         for s in _STATS:
             row[f"{d[:-3]}_{s}_ms"] = (p.get(d) or {}).get(s)
     row["cost_per_1k_output_tokens"] = p.get("cost_per_1k_output_tokens")
+    if p.get("utilization"):
+        row.update({k: v for k, v in utilization.flat(p["utilization"]).items() if v is not None})
     row.update(r["memory"])
     spec = r.get("speculative") or {}
     row["acceptance_rate"] = spec.get("acceptance_rate")

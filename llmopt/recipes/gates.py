@@ -19,7 +19,8 @@ NAME is the name of an evaluated model: its key in an eval step's `model:` mappi
 `kv_dtype:` the cost of that KV cache vs float KV: `kv_kld_mean`, `kv_kld_p99`, `kv_top1`, `kv_perplexity`),
 speed (`output_tokens_per_s`, `total_tokens_per_s`,
 `requests_per_s`, `cost_per_1k_output_tokens`, `duration_s`, `ttft|tpot|itl|e2el` + `_mean|_p50|_p95|_p99`
-+ `_ms`), memory (`weight_bytes`, `kv_bytes_allocated`, `kv_bytes_formula`, `kv_waste_bytes`, `kv_pool_bytes`,
++ `_ms`; utilisation during the timed runs: `cpu_percent|cpu_percent_per_thread|gpu_util_percent|gpu_mem_used_bytes`
++ `_mean|_p50|_p95`), memory (`weight_bytes`, `kv_bytes_allocated`, `kv_bytes_formula`, `kv_waste_bytes`, `kv_pool_bytes`,
 `kv_peak_tokens`, `kv_preemptions`) and speculative decoding (`acceptance_rate`, `tokens_per_step`).
 
 Grammar (parsed here, never with eval()):  gate := expr OP expr,  OP := < <= > >= == !=,
@@ -34,6 +35,8 @@ import re
 from dataclasses import dataclass
 
 from llmopt.errors import LlmoptError
+from llmopt.evaluate.utilization import FLAT_METRICS as UTILIZATION_METRICS
+from llmopt.evaluate.utilization import flat as flat_utilization
 
 _STAT_METRICS = ("ttft", "tpot", "itl", "e2el")
 _STATS = ("mean", "p50", "p95", "p99")
@@ -51,6 +54,8 @@ METRICS: tuple[str, ...] = (
     # perf (medians over repeats)
     "output_tokens_per_s", "total_tokens_per_s", "requests_per_s", "cost_per_1k_output_tokens", "duration_s",
     *(f"{m}_{s}_ms" for m in _STAT_METRICS for s in _STATS),
+    # perf.utilization during the timed runs (llmopt/evaluate/utilization.py): cpu_percent_p95, gpu_util_percent_mean, ...
+    *UTILIZATION_METRICS,
     # memory
     "weight_bytes", "kv_bytes_allocated", "kv_bytes_formula", "kv_waste_bytes", "kv_pool_bytes", "kv_peak_tokens",
     "kv_preemptions",
@@ -168,6 +173,8 @@ def flatten_result(result: dict) -> dict[str, float | None]:
             elif key == "generation":
                 for metric in GENERATION_METRICS:
                     flat[metric] = _number((value or {}).get(metric))
+            elif key == "utilization":  # {cpu_percent: {mean, p50, p95}, ...} → cpu_percent_mean, ...
+                flat.update(flat_utilization(value))
             elif isinstance(value, dict) and key.endswith("_ms"):  # ttft_ms: {mean, p50, ...} → ttft_p50_ms
                 for stat, v in value.items():
                     flat[f"{key[:-3]}_{stat}_ms"] = _number(v)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmopt.errors import LlmoptError
+from llmopt.evaluate.utilization import FIELDS as UTILIZATION_FIELDS
 from llmopt.recipes.gates import (GENERATION_METRICS, METRICS, BinOp, Num, Ref, check_metric, evaluate_gate, flatten_result,
                                   parse_gate)
 
@@ -78,7 +79,9 @@ def test_metric_names_follow_the_eval_report_schema():
                                        "kv_kld_p99": 1e-3, "kv_top1": 0.99, "kv_perplexity": 10.1},
              "perf": {"output_tokens_per_s": 100.0, "total_tokens_per_s": 300.0, "requests_per_s": 2.0,
                       "engine": "llmopt", "cost_per_1k_output_tokens": None, "duration_s": 1.5, "spread": {"x": [1, 2]},
-                      **{f"{m}_ms": {"mean": 1.0, "p50": 2.0, "p95": 3.0, "p99": 4.0} for m in ("ttft", "tpot", "itl", "e2el")}},
+                      **{f"{m}_ms": {"mean": 1.0, "p50": 2.0, "p95": 3.0, "p99": 4.0} for m in ("ttft", "tpot", "itl", "e2el")},
+                      "utilization": {"device": "cuda:0", "samples": 9, "interval_s": 0.1, "threads": 1,
+                                      **{f: {"mean": 1.0, "p50": 2.0, "p95": 3.0} for f in UTILIZATION_FIELDS}}},
              "memory": {"weight_bytes": 10, "kv_bytes_allocated": 5, "kv_bytes_formula": 4, "kv_waste_bytes": 1,
                         "kv_pool_bytes": 64, "kv_peak_tokens": 3, "kv_preemptions": 0, "kv_block_size": 16},
              "speculative": {"acceptance_rate": 0.7, "tokens_per_step": 2.5, "draft": "d", "spec_tokens": 4}}
@@ -87,6 +90,7 @@ def test_metric_names_follow_the_eval_report_schema():
     assert flat["tasks.x"] == 0.25 and flat["kld_mean"] is None and flat["acceptance_rate"] == 0.7
     assert "engine" not in flat and "kv_block_size" not in flat and "spec_tokens" not in flat  # settings, not metrics
     assert flat["baseline_rouge_l"] == 0.5 and "detector" not in flat and "prompts" not in flat
+    assert flat["gpu_util_percent_p95"] == 3.0 and "samples" not in flat and "interval_s" not in flat
     # Every metric the schema documents is produced by flattening a full report entry, and nothing else.
     assert {k for k in flat if not k.startswith("tasks.")} == set(METRICS)
 
