@@ -60,8 +60,7 @@ def quantized(model: torch.nn.Module, variant: str, root: Path) -> torch.nn.Modu
             qweights[name] = qw
     out = root / variant.replace("+", "-")
     out.mkdir()
-    write_checkpoint("compressed-tensors", model, qweights, out, qargs, {"int4": "rtn"}.get(method, method),
-                     [] if lm_head else ["lm_head"])
+    write_checkpoint("compressed-tensors", model, qweights, out, qargs, {"int4": "rtn"}.get(method, method))
     return load_quantized_model(out, AutoConfig.from_pretrained(out), torch.device("cpu"), torch.float32)
 
 

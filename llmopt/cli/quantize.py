@@ -81,6 +81,18 @@ def quantize(
         "--kv-cache", help="Also calibrate static per-layer K/V cache scales (fp8 or int8: amax/448 or amax/127 "
                            "over the calibration windows), written as compressed-tensors kv_cache_scheme + "
                            "self_attn.k_scale/v_scale, where vLLM reads them.")] = None,
+    load: Annotated[str, typer.Option(
+        "--load", help="auto: the whole float model in memory when it fits (fastest), else streamed; memory; "
+                       "stream: one decoder layer at a time from the safetensors shards, written as it goes.")]
+    = "auto",
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget of --load auto (e.g. 8GB, 7.5GiB); default: what is available now.")]
+    = None,
+    layer_check: Annotated[bool | None, typer.Option(
+        "--layer-check/--no-layer-check", help="Per-layer output error vs float and RTN on calibration windows "
+                                               "(default: on for methods that calibrate; off for the data-free "
+                                               "rtn and int8, which then load no calibration data).",
+        show_default=False)] = None,
     json_out: Json = False,
 ) -> None:
     """Quantize a causal LM (RTN, INT8, W8A8 SmoothQuant, GPTQ, AWQ) and write a checkpoint others can serve."""
@@ -95,7 +107,8 @@ def quantize(
         awq_grid=awq_grid, awq_clip=awq_clip, targets=targets or ["Linear"], ignore=ignore or [], evaluate=evaluate,
         eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device, dtype=dtype,
         calib_dtype=calib_dtype, trust_remote_code=trust_remote_code, revision=revision, seed=seed,
-        overwrite=overwrite, backend=backend, backend_python=backend_python, kv_cache=kv_cache)
+        overwrite=overwrite, backend=backend, backend_python=backend_python, kv_cache=kv_cache, load=load,
+        max_memory=max_memory, layer_check=layer_check)
     from llmopt.cli.progress import bars
 
     with bars(not json_out) as progress:
@@ -103,10 +116,14 @@ def quantize(
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
-    from llmopt.quant.report import kinds_table, layer_table, moe_table, summary_table
+    from llmopt.quant.report import kinds_table, layer_table, memory_line, moe_table, phases_line, summary_table
 
-    if result.layers:
-        console.print(layer_table(result))
+    table = layer_table(result)
+    if table is not None:
+        console.print(table)
+    elif result.layers:
+        console.print(f"per-layer check: not run ({result.method} is data-free; --layer-check measures each "
+                      f"layer's output error on calibration windows)")
     for table in (moe_table(result), kinds_table(result)):
         if table is not None:
             console.print(table)
@@ -117,4 +134,6 @@ def quantize(
                       f"{min(kv['k_scale']):.3g}–{max(kv['k_scale']):.3g}, v_scale {min(kv['v_scale']):.3g}–"
                       f"{max(kv['v_scale']):.3g} over {len(kv['k_scale'])} layers → kv_cache_scheme + "
                       f"self_attn.k_scale/v_scale")
+    console.print(phases_line(result))
+    console.print(memory_line(result))
     console.print(f"wrote {result.out}")

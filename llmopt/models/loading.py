@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,63 +166,14 @@ def read_json_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-_MAX_HEADER = 100 * 2 ** 20  # the safetensors library's own cap on a header's size
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-def check_safetensors_file(f: Path) -> None:
-    """Header and size checks of one safetensors file, before anything reads its tensors: a truncated, empty or
-    garbled file becomes one clear error instead of a library traceback halfway through a run."""
-    size = f.stat().st_size
-    bad = f"{f} is not a valid safetensors file"
-    hint = ": re-download or re-export the checkpoint"
-    if size < 8:
-        raise LlmoptError(f"{bad} ({'empty' if size == 0 else f'{size} bytes'}){hint}")
-    with open(f, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n > min(_MAX_HEADER, size - 8):
-            raise LlmoptError(f"{bad} (header of {n:,} bytes in a {size:,}-byte file: truncated or garbage){hint}")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            header = None
-    if not isinstance(header, dict):
-        raise LlmoptError(f"{bad} (its header is not JSON){hint}")
-    end = 0
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            lo, hi = (int(x) for x in t["data_offsets"])
-            want = _DTYPE_BYTES.get(t["dtype"], 0) * math.prod(int(d) for d in t["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise LlmoptError(f"{bad} (entry {name!r} of its header is malformed){hint}") from None
-        if lo < 0 or hi < lo or (t["dtype"] in _DTYPE_BYTES and hi - lo != want):
-            raise LlmoptError(f"{bad} (tensor {name!r}: offsets {lo}..{hi} do not fit its dtype and shape){hint}")
-        end = max(end, hi)
-    if 8 + n + end != size:
-        raise LlmoptError(f"{bad} ({size:,} bytes, its header describes {8 + n + end:,}: "
-                          f"{'truncated' if size < 8 + n + end else 'trailing bytes'}){hint}")
-
-
 def check_weights(path: Path) -> None:
     """Every weight file a checkpoint names exists and passes the header/size checks (no tensor is read)."""
+    from llmopt.checkpoint.shards import read_header, weight_files
+
     _check_safetensors(path)
-    files = sorted(path.glob("*.safetensors"))
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise LlmoptError(f"{index} is not a valid weight index (JSON with a weight_map): re-export the "
-                              f"checkpoint") from None
-        missing = sorted(s for s in shards if not (path / s).exists())
-        if missing:
-            raise LlmoptError(f"{path} lacks the shard {missing[0]} that {index.name} names "
-                              f"({len(missing)} missing): the download or copy is incomplete")
-    for f in files:
-        check_safetensors_file(f)
+    names = set(weight_files(path)) | set(path.glob("*.safetensors"))
+    for f in sorted(names):
+        read_header(f)
 
 
 def _check_safetensors(path: Path) -> None:

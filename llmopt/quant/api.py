@@ -21,6 +21,12 @@ from llmopt.checkpoint.types import FORMATS, METHODS, QuantArgs
 from llmopt.errors import LlmoptError
 from llmopt.progress import Progress
 
+LOAD_MODES = ("auto", "memory", "stream")
+# Peak RSS of quantizing with the whole float model in memory, measured with bench/streaming.py on Llama shapes
+# of 0.1B and 0.97B parameters (fp32): about 1.6 × the model's bytes + 1 GiB; auto streams when that exceeds the
+# budget. Streaming holds one decoder layer, the embeddings or the head, and the activations.
+WHOLE_MODEL_FACTOR, WHOLE_MODEL_EXTRA = 1.6, 2 ** 30
+
 
 @dataclass(slots=True)
 class QuantizeArgs:
@@ -62,6 +68,9 @@ class QuantizeArgs:
     backend: str = "llmopt"
     backend_python: str | None = None
     kv_cache: str | None = None  # fp8 | int8: calibrate per-layer K/V scales (quant/kv_scales.py)
+    load: str = "auto"  # auto | memory | stream: the whole float model in RAM, or layer by layer from its shards
+    max_memory: str | None = None  # auto's budget (e.g. 8GB); None: the memory available now
+    layer_check: bool | None = None  # per-layer output check; None: on where the method calibrates anyway
 
     def __post_init__(self) -> None:
         if self.out is None:
@@ -105,7 +114,26 @@ class QuantizeArgs:
         check_kind(self.kv_cache, self.format)
         if self.kv_cache is not None and self.backend != "llmopt":
             raise LlmoptError(f"--kv-cache is calibrated by llmopt's own pipeline: drop --backend {self.backend}")
+        if self.load not in LOAD_MODES:
+            raise LlmoptError(f"unknown --load {self.load!r}: use one of {', '.join(LOAD_MODES)}")
+        if self.max_memory is not None:
+            from llmopt.memory import parse_size
+
+            parse_size(self.max_memory)
+        if self.layer_check is None:
+            self.layer_check = not method.data_free
+        elif not self.layer_check and not method.data_free:
+            raise LlmoptError(f"--method {self.method} calibrates on data, which runs the per-layer check anyway: "
+                              f"drop --no-layer-check")
+        if self.load == "stream" and self.kv_cache is not None:
+            raise LlmoptError("--kv-cache calibrates on the whole float model: use --load memory with it")
+        if self.backend != "llmopt" and self.load == "stream":
+            raise LlmoptError(f"--load stream is llmopt's own pipeline: drop --backend {self.backend}")
         self.quant_args()  # validates the per-Linear settings too
+
+    def needs_calibration(self) -> bool:
+        """Calibration windows are needed: the method calibrates, the per-layer check runs, or KV scales."""
+        return bool(self.layer_check) or self.kv_cache is not None
 
     def quant_args(self) -> QuantArgs:
         return QuantArgs(bits=self.bits, group_size=self.group_size, sym=self.sym, damp=self.damp,
@@ -133,6 +161,7 @@ class QuantizeResult:
     moe: dict | None = None  # MoE models: experts split per expert, routers kept float, routed tokens per layer
     parameters: dict = field(default_factory=dict)  # kind → {total, targeted, quantized} parameter counts
     kv_cache: dict | None = None  # --kv-cache: the calibrated per-layer K/V scales written (kv_scales.KVScales)
+    memory: dict = field(default_factory=dict)  # how the model was loaded and why; peak RSS (and GPU memory)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -188,8 +217,51 @@ def _check_shapes(model, is_target: Callable[[str], bool], qargs: QuantArgs) -> 
 
 
 @dataclass(slots=True)
+class LoadPlan:
+    """Whole model in memory or streamed from its shards, and why (printed, and kept in llmopt.json)."""
+
+    mode: str  # memory | stream
+    reason: str
+    model_bytes: int  # the float weights at the run's dtype
+    budget_bytes: int | None  # --max-memory, else the memory available at the start
+
+
+def plan_load(args: QuantizeArgs, dtype: torch.dtype) -> LoadPlan:
+    """--load auto: the whole model in memory when its measured peak (WHOLE_MODEL_FACTOR × its bytes +
+    WHOLE_MODEL_EXTRA) fits the budget, else streamed."""
+    from llmopt.checkpoint.shards import ShardReader
+    from llmopt.memory import available_bytes, gb, parse_size
+    from llmopt.models import ModelSpec
+    from llmopt.models.loading import check_weights, resolve_path
+
+    path = resolve_path(ModelSpec(args.model, "cpu", "auto", args.trust_remote_code, args.revision))
+    check_weights(path)
+    size = torch.empty((), dtype=dtype).element_size()
+    entries = ShardReader(path).entries.values()
+    model_bytes = sum(e.nbytes // e.dtype.itemsize * size if e.dtype.is_floating_point else e.nbytes for e in entries)
+    budget = parse_size(args.max_memory) if args.max_memory else available_bytes()
+    whole = int(WHOLE_MODEL_FACTOR * model_bytes + WHOLE_MODEL_EXTRA)
+    about = f"the whole model's peak ≈ {gb(whole)} ({gb(model_bytes)} of weights)"
+    where = f"--max-memory {args.max_memory}" if args.max_memory else "available"
+    if args.load != "auto":
+        return LoadPlan(args.load, f"--load {args.load}", model_bytes, budget)
+    if args.kv_cache is not None:
+        return LoadPlan("memory", "--kv-cache calibrates on the whole model", model_bytes, budget)
+    if budget is None:
+        return LoadPlan("memory", "available memory unknown", model_bytes, budget)
+    if whole <= budget:
+        return LoadPlan("memory", f"{about} fits the {gb(budget)} {where}", model_bytes, budget)
+    if args.evaluate:
+        raise LlmoptError(f"{args.model}: {about} exceeds the {gb(budget)} {where}, so llmopt would stream it layer "
+                          f"by layer, but --evaluate loads the float and the quantized model whole: pass "
+                          f"--no-evaluate (and run llmopt eval where the model fits), or --load memory")
+    return LoadPlan("stream", f"{about} exceeds the {gb(budget)} {where}", model_bytes, budget)
+
+
+@dataclass(slots=True)
 class _Prepared:
-    """The float model loaded on the CPU and made quantizable, with what the run targets."""
+    """The float model made quantizable (in memory, or a meta skeleton streamed from its shards), with what the
+    run targets."""
 
     model: nn.Module
     tokenizer: object
@@ -199,6 +271,7 @@ class _Prepared:
     is_target: Callable[[str], bool]
     names: list[str]  # the targeted Linears
     by_kind: Callable[[set[str]], dict]  # quantized names → parameter counts by kind
+    stream: object | None = None  # models.streaming.WeightStream when streamed
 
 
 def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeResult:
@@ -212,8 +285,7 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
 
     from llmopt.checkpoint import formats
     from llmopt.quant.accounting import check_all_targeted_quantized
-    from llmopt.quant.walk import quantize_model
-    from llmopt.utils import check_out_dir, resolve_device, resolve_dtype
+    from llmopt.utils import atomic_dir, check_out_dir, resolve_device, resolve_dtype
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -222,9 +294,10 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
     formats.check_supported(args.format, args.method, qargs)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    load = plan_load(args, dtype)
 
     t = time.perf_counter()
-    prepared = _prepare(args, qargs, dtype)
+    prepared = _prepare(args, qargs, dtype, load.mode)
     timings["load"] = time.perf_counter() - t
     t = time.perf_counter()
     calib, eval_batch = load_data(args, prepared.tokenizer)
@@ -237,17 +310,60 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
         t = time.perf_counter()
         kv_scales = kvs.calibrate(prepared.model, calib.input_ids, args.kv_cache, device)
         timings["kv_calibrate"] = time.perf_counter() - t
-    result = quantize_model(prepared.model, calib.input_ids, args.method, qargs, prepared.is_target, device,
-                            progress, calib_dtype=_calib_dtype(args.calib_dtype, dtype, device))
-    timings["quantize"] = result.seconds
-    kinds = prepared.by_kind(set(result.qweights))
-    check_all_targeted_quantized(kinds)
-    return _write(args, prepared, result, kinds, kv_scales, calib, eval_batch, device, dtype, timings, t_all)
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        result, streamed = _walk(args, prepared, qargs, calib, device, dtype, tmp, progress)
+        timings["quantize"] = result.seconds
+        kinds = prepared.by_kind(set(result.qweights))
+        check_all_targeted_quantized(kinds)
+        if streamed is not None:  # inside "quantize": the parts read from and written to disk during the walk
+            timings["stream_read"] = prepared.stream.read_seconds
+            timings["stream_write"] = streamed.write_seconds
+        t = time.perf_counter()
+        if streamed is None:
+            formats.write_checkpoint(args.format, prepared.model, result.qweights, tmp, qargs, args.method,
+                                     kv_scales=kv_scales)
+        else:
+            streamed.finish(result.qweights, qargs, args.method, kv_scales)
+        timings["write"] = time.perf_counter() - t
+        memory = _memory_record(load, device)
+        return _finish(args, prepared, result, kinds, kv_scales, calib, eval_batch, device, dtype, timings, t_all,
+                       tmp, memory)
 
 
-def _prepare(args: QuantizeArgs, qargs: QuantArgs, dtype: torch.dtype) -> _Prepared:
-    """Load the float model on the CPU (the walk moves one layer at a time to the device), check it, and turn
-    every targeted weight into a per-module nn.Linear; fails before any heavy work."""
+def _walk(args: QuantizeArgs, prepared: _Prepared, qargs: QuantArgs, calib, device: torch.device,
+          dtype: torch.dtype, tmp: Path, progress: Progress | None):
+    """The layer walk (or the data-free pass), streamed into tmp when the model is; returns (WalkResult, the
+    StreamedCheckpoint or None)."""
+    from llmopt.quant.walk import quantize_data_free, quantize_model
+
+    streamed = None
+    if prepared.stream is not None:
+        from llmopt.quant.streamed import StreamedCheckpoint
+
+        streamed = StreamedCheckpoint(prepared.model, prepared.stream, args.format, tmp)
+    if not args.layer_check:
+        result = quantize_data_free(prepared.model, args.method, qargs, prepared.is_target, device, progress, streamed)
+    else:
+        result = quantize_model(prepared.model, calib.input_ids, args.method, qargs, prepared.is_target, device,
+                                progress, calib_dtype=_calib_dtype(args.calib_dtype, dtype, device), source=streamed)
+    return result, streamed
+
+
+def _memory_record(load: LoadPlan, device: torch.device) -> dict:
+    """How the model was loaded and the peaks measured up to now (quantizing and writing; before evaluation)."""
+    from llmopt.memory import peak_gpu_bytes, peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    return {"load": load.mode, "reason": load.reason, "model_bytes": load.model_bytes,
+            "budget_bytes": load.budget_bytes, "peak_rss_bytes": peak,
+            "peak_rss_vs_model": None if peak is None or not load.model_bytes else peak / load.model_bytes,
+            "peak_gpu_bytes": peak_gpu_bytes(device)}
+
+
+def _prepare(args: QuantizeArgs, qargs: QuantArgs, dtype: torch.dtype, mode: str) -> _Prepared:
+    """The float model on the CPU (whole, or a meta skeleton whose parts stream from disk; the walk moves one
+    layer at a time to the device), checked, with every targeted weight a per-module nn.Linear; fails before any
+    heavy work."""
     from llmopt.families import registry
     from llmopt.families.linear_like import convert_conv1d
     from llmopt.families.moe import unfuse_experts
@@ -257,12 +373,18 @@ def _prepare(args: QuantizeArgs, qargs: QuantArgs, dtype: torch.dtype) -> _Prepa
     from llmopt.quant.walk import check_finite_weights
     from llmopt.utils import dtype_name
 
-    loaded = load_model(ModelSpec(args.model, "cpu", dtype_name(dtype), args.trust_remote_code, args.revision))
+    spec = ModelSpec(args.model, "cpu", dtype_name(dtype), args.trust_remote_code, args.revision)
+    if mode == "stream":
+        from llmopt.models.streaming import open_streamed
+
+        loaded = open_streamed(spec, dtype)  # weights checked finite as each part loads
+    else:
+        loaded = load_model(spec)
+        check_finite_weights(loaded.model)
     model = loaded.model
     check_seq_len(model.config, "--seq-len", args.seq_len, args.model)
     if args.evaluate:
         check_seq_len(model.config, "--eval-seq-len", args.eval_seq_len, args.model)
-    check_finite_weights(model)
     if method_class(args.method).folds_scales:
         registry.require(model.config)  # no scale mappings, no AWQ/SmoothQuant
     converted = convert_conv1d(model)  # GPT-2's Conv1D ([in, out] weights) → exact nn.Linear
@@ -271,16 +393,23 @@ def _prepare(args: QuantizeArgs, qargs: QuantArgs, dtype: torch.dtype) -> _Prepa
     names = _check_shapes(model, is_target, qargs)
     by_kind = _kind_counter(model, is_target, args)
     check_all_targeted_quantized(by_kind(set(names)))  # before the long part: nothing targeted may stay float
-    return _Prepared(model, loaded.tokenizer, loaded.path, converted, unfused, is_target, names, by_kind)
+    stream = None
+    if mode == "stream":
+        from llmopt.models.streaming import WeightStream
+
+        stream = WeightStream(model, loaded.reader, loaded.path)  # every parameter has its tensor, or fail now
+    return _Prepared(model, loaded.tokenizer, loaded.path, converted, unfused, is_target, names, by_kind, stream)
 
 
 def load_data(args: QuantizeArgs, tokenizer):
-    """(calibration batch, eval batch or None); the eval set loads before quantizing so a too-short one fails
-    before the long part."""
+    """(calibration batch or None when nothing calibrates, eval batch or None); the eval set loads before
+    quantizing so a too-short one fails before the long part."""
     from llmopt.calibration import DataSpec, load_token_batch
 
-    calib = load_token_batch(DataSpec(args.calib, args.split, args.text_field, args.chat_template), tokenizer,
-                             args.samples, args.seq_len, args.seed, "calib")
+    calib = None
+    if args.needs_calibration():
+        calib = load_token_batch(DataSpec(args.calib, args.split, args.text_field, args.chat_template), tokenizer,
+                                 args.samples, args.seq_len, args.seed, "calib")
     eval_batch = None
     if args.evaluate:
         eval_batch = load_token_batch(DataSpec(args.eval_data), tokenizer, args.eval_samples, args.eval_seq_len,
@@ -288,10 +417,10 @@ def load_data(args: QuantizeArgs, tokenizer):
     return calib, eval_batch
 
 
-def _write(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_scales, calib, eval_batch,
-           device: torch.device, dtype: torch.dtype, timings: dict, t_all: float) -> QuantizeResult:
-    """The format writer into the atomic temp dir, then the shared finish step (quant/finish.py)."""
-    from llmopt.checkpoint import formats
+def _finish(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_scales, calib, eval_batch,
+            device: torch.device, dtype: torch.dtype, timings: dict, t_all: float, tmp: Path,
+            memory: dict) -> QuantizeResult:
+    """The shared finish step (quant/finish.py) in the atomic temp dir: tokenizer, evaluation, llmopt.json."""
     from llmopt.quant.finish import (
         FloatSource,
         Written,
@@ -299,7 +428,6 @@ def _write(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_scal
         evaluate_written,
         write_quant_manifest,
     )
-    from llmopt.utils import atomic_dir
 
     model, qargs = prepared.model, args.quant_args()
     ignored = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in result.qweights]
@@ -307,22 +435,21 @@ def _write(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_scal
     calibration = calibration_record(args, calib)
     source = FloatSource(args.model, prepared.path, args.model, args.revision)
     kv_info = None if kv_scales is None else kv_scales.to_dict()
-    with atomic_dir(args.out, args.overwrite) as tmp:
-        t = time.perf_counter()
-        formats.write_checkpoint(args.format, model, result.qweights, tmp, qargs, args.method, ignored,
-                                 kv_scales=kv_scales)
-        timings["write"] = time.perf_counter() - t
-        metrics, evaluated_with = evaluate_written(args, tmp, prepared.tokenizer, source, eval_batch, device, dtype,
-                                                   timings)
-        timings["total"] = time.perf_counter() - t_all
-        layers = [r.to_dict() for r in result.layers]
-        moe_info = _moe_summary(model, prepared.unfused, layers)
-        written = Written(args.format, asdict(qargs), layers, len(prepared.names), ignored, {
-            "moe": moe_info, "parameters_by_kind": parameters, "conv1d_as_linear": prepared.converted,
-            "scale_migration": _scale_summary(model, args.method), "kv_cache": kv_info})
-        write_quant_manifest(tmp, args, source, written, calibration, timings, metrics, evaluated_with)
+    metrics, evaluated_with = evaluate_written(args, tmp, prepared.tokenizer, source, eval_batch, device, dtype,
+                                               timings)
+    if evaluated_with is not None:
+        from llmopt.memory import peak_rss_bytes
+
+        memory["peak_rss_with_evaluation_bytes"] = peak_rss_bytes()
+    timings["total"] = time.perf_counter() - t_all
+    layers = [r.to_dict() for r in result.layers]
+    moe_info = _moe_summary(model, prepared.unfused, layers)
+    written = Written(args.format, asdict(qargs), layers, len(prepared.names), ignored, {
+        "moe": moe_info, "parameters_by_kind": parameters, "conv1d_as_linear": prepared.converted,
+        "scale_migration": _scale_summary(model, args.method), "kv_cache": kv_info, "memory": memory})
+    write_quant_manifest(tmp, args, source, written, calibration, timings, metrics, evaluated_with)
     return QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
-                          metrics, evaluated_with, len(prepared.names), moe_info, parameters, kv_info)
+                          metrics, evaluated_with, len(prepared.names), moe_info, parameters, kv_info, memory)
 
 
 def _kind_counter(model, is_target: Callable[[str], bool], args: QuantizeArgs):

@@ -38,7 +38,10 @@ class Written:
 
 
 def calibration_record(args, calib) -> dict:
-    """The calibration set as the manifest and the result report it."""
+    """The calibration set as the manifest and the result report it (None: a data-free run used none)."""
+    if calib is None:
+        return {"source": None, "samples": 0, "note": f"{args.method} is data-free and ran without the per-layer "
+                                                      f"check (--layer-check adds it)"}
     return {"source": calib.source, "split": calib.split, "samples": args.samples, "seq_len": args.seq_len,
             "seed": calib.seed, "sha256": calib.sha256}
 

@@ -41,6 +41,7 @@ class Method:
     act_bits: ClassVar[int | None] = None  # dynamic per-token activation quantization (W8A8)
     is_reference: ClassVar[bool] = True  # its own RTN reference: the check needs no second RTN run
     sequential_within_layer: ClassVar[bool] = False  # GPTQ: Hessians on inputs through the quantized groups
+    data_free: ClassVar[bool] = True  # needs no calibration data (the per-layer check is then optional)
 
     def __init__(self, qargs: QuantArgs, total_tokens: int) -> None:
         self.qargs = qargs
@@ -85,6 +86,7 @@ class SmoothQuant(Method):
     float_inputs = True
     act_bits = 8
     is_reference = False
+    data_free = False
 
     def collector(self, n_in: int, device: torch.device) -> Collector | None:
         return ActMaxAccumulator(n_in, device)
@@ -105,6 +107,7 @@ class Gptq(Method):
 
     name = "gptq"
     is_reference = False
+    data_free = False
     sequential_within_layer = True
 
     def collector(self, n_in: int, device: torch.device) -> Collector | None:
@@ -158,6 +161,7 @@ class Awq(Method):
     folds_scales = True
     float_inputs = True
     is_reference = False
+    data_free = False
 
     def collector(self, n_in: int, device: torch.device) -> Collector | None:
         return awq_core.AwqStats(n_in, self.qargs.group_size, self.total_tokens, device)

@@ -38,15 +38,48 @@ def summary_table(res: QuantizeResult) -> Table:
     return t
 
 
-def layer_table(res: QuantizeResult) -> Table:
-    """Per-layer relative output error vs the float layer, next to RTN's at the same bits/group/sym."""
+def layer_table(res: QuantizeResult) -> Table | None:
+    """Per-layer relative output error vs the float layer, next to RTN's at the same bits/group/sym (None when
+    no layer was checked)."""
+    if not any(layer["error"] is not None for layer in res.layers):
+        return None
     t = Table(title="per-layer relative output error (check samples)", title_justify="left")
     for col in ("layer", f"{res.method} vs float", "RTN vs float", f"{res.method} / RTN", "time"):
         t.add_column(col, justify="left" if col == "layer" else "right")
     for layer in res.layers:
-        t.add_row(layer["name"], f"{layer['error']:.3e}", f"{layer['rtn_error']:.3e}", f"{layer['vs_rtn']:.3f}",
+        t.add_row(layer["name"], _f(layer["error"], ".3e"), _f(layer["rtn_error"], ".3e"), _f(layer["vs_rtn"], ".3f"),
                   f"{layer['seconds']:.2f} s")
     return t
+
+
+_PHASES = (("load", "load"), ("data", "data"), ("kv_calibrate", "KV scales"), ("quantize", "quantize"),
+           ("write", "write"), ("evaluate", "evaluate"), ("total", "total"))
+
+
+def phases_line(res: QuantizeResult) -> str:
+    """Seconds per phase, as measured ('quantize' includes a streamed model's reads and writes)."""
+    tm = res.timings
+    parts = [f"{label} {tm[key]:.1f} s" for key, label in _PHASES if key in tm]
+    if "stream_read" in tm:
+        parts[[k for k, _ in _PHASES if k in tm].index("quantize")] += (
+            f" (reading {tm['stream_read']:.1f} s, writing {tm['stream_write']:.1f} s of it)")
+    return "time: " + " · ".join(parts)
+
+
+def memory_line(res: QuantizeResult) -> str:
+    """How the model was loaded and the peak resident memory measured."""
+    from llmopt.memory import gb
+
+    mem = res.memory
+    how = "streamed layer by layer from its shards" if mem["load"] == "stream" else "whole in memory"
+    line = f"memory: {how} ({mem['reason']}); peak RSS {gb(mem['peak_rss_bytes'])}"
+    if mem.get("peak_rss_vs_model") is not None:
+        line += f" = {mem['peak_rss_vs_model']:.2f}× the {gb(mem['model_bytes'])} of float weights"
+    if mem.get("peak_gpu_bytes") is not None:
+        line += f"; peak GPU memory {gb(mem['peak_gpu_bytes'])}"
+    if mem.get("peak_rss_with_evaluation_bytes") is not None:
+        line += f"; {gb(mem['peak_rss_with_evaluation_bytes'])} with the evaluation"
+    return line
 
 
 def moe_table(res: QuantizeResult) -> Table | None:

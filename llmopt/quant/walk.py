@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -52,13 +53,15 @@ class LayerReport:
     """Built-in check of one decoder layer (or the lm_head): relative output error on the check samples."""
 
     name: str
-    error: float  # ‖Y_method − Y_float‖ / ‖Y_float‖
-    rtn_error: float  # same for RTN at the same bits/group/sym
+    error: float | None  # ‖Y_method − Y_float‖ / ‖Y_float‖ (None: not checked, a data-free run without the check)
+    rtn_error: float | None  # same for RTN at the same bits/group/sym
     seconds: float
     detail: dict = field(default_factory=dict)  # e.g. AWQ's α per scale group
 
     @property
-    def vs_rtn(self) -> float:
+    def vs_rtn(self) -> float | None:
+        if self.error is None or self.rtn_error is None:
+            return None
         return self.error / self.rtn_error if self.rtn_error > 0 else float("nan")
 
     def to_dict(self) -> dict:
@@ -98,6 +101,22 @@ class LayerWork:
     def readers(self, leader: str) -> list[str]:
         """The target Linears sharing `leader`'s input, in module order."""
         return [name for name in self.linears if self.input_leader[name] == leader]
+
+
+class PartSource(Protocol):
+    """Where the walk's parts come from when the model is not in memory (quant/streamed.py): each decoder layer
+    (and the head) is loaded just before the walk needs it, and written and dropped when it is done."""
+
+    def before_capture(self) -> None: ...  # embeddings and the other small parts the first layer's inputs need
+
+    def after_capture(self) -> None: ...  # the embeddings are no longer needed
+
+    def load(self, name: str) -> None: ...  # the module `name` (a decoder layer, the head) in memory
+
+    def done(self, name: str, codes: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+        """Write the module and its codes (full names), drop its tensors; returns what the walk keeps (the codes'
+        names and settings)."""
+        ...
 
 
 class _Stop(Exception):
@@ -247,12 +266,16 @@ class _WalkPlan:
 
 def _plan_walk(model, input_ids: torch.Tensor, method_name: str, qargs: QuantArgs, is_target: Callable[[str], bool],
                device: torch.device, batch_size: int, staged: bool | None,
-               calib_dtype: torch.dtype | None) -> _WalkPlan:
+               calib_dtype: torch.dtype | None, source: PartSource | None) -> _WalkPlan:
     method = METHODS[method_name](qargs, input_ids.numel())
     if method.folds_scales:
         registry.require(model.config)
     n, seq_len = input_ids.shape
+    if source is not None:
+        source.before_capture()
     batches = capture_inputs(model, input_ids, batch_size, device)
+    if source is not None:
+        source.after_capture()
     n_check = max(1, math.ceil(min(n, max(1, CHECK_TOKENS // seq_len)) / batch_size))  # batches checked
     head = model.get_output_embeddings()
     head_name = next((nm for nm, m in model.named_modules() if m is head), None)
@@ -265,38 +288,96 @@ def _plan_walk(model, input_ids: torch.Tensor, method_name: str, qargs: QuantArg
 @torch.no_grad()
 def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs, is_target: Callable[[str], bool],
                    device: torch.device, progress: Progress | None = None, batch_size: int = 4,
-                   staged: bool | None = None, calib_dtype: torch.dtype | None = None) -> WalkResult:
+                   staged: bool | None = None, calib_dtype: torch.dtype | None = None,
+                   source: PartSource | None = None) -> WalkResult:
     """Quantize every targeted Linear of `model` (on the CPU, modified in place) layer by layer on `device`.
 
     input_ids [N, L] calibration windows. Returns the codes of every quantized Linear by full module name.
     staged: None = GPTQ in sublayer-sequential passes where the layer is Llama-shaped; False = the generic
     two-pass strategy everywhere (tests compare the two). calib_dtype: autocast dtype of the layer forwards
-    (statistics and solves stay fp32). progress: one Event per layer, task "<method> layer".
+    (statistics and solves stay fp32). progress: one Event per layer, task "<method> layer". source: the
+    model's parts stream from disk (None: the model is in memory).
     """
     t_start = time.perf_counter()
     _, layers, prefix = decoder_layers(model)
-    walk = _plan_walk(model, input_ids, method, qargs, is_target, device, batch_size, staged, calib_dtype)
+    walk = _plan_walk(model, input_ids, method, qargs, is_target, device, batch_size, staged, calib_dtype, source)
     total = len(layers) + int(walk.head is not None)
     task = f"{method} layer"
     qweights: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
+        if source is not None:
+            source.load(f"{prefix}.{i}")
         outcome = _quantize_layer(model, walk, i, layer, f"{prefix}.{i}.", is_target,
                                   last=i == len(layers) - 1 and walk.head is None)
-        qweights.update({f"{prefix}.{i}.{nm}": w for nm, w in outcome.codes.items()})
+        codes = {f"{prefix}.{i}.{nm}": w for nm, w in outcome.codes.items()}
+        qweights.update(codes if source is None else source.done(f"{prefix}.{i}", codes))
         reports.append(LayerReport(f"layer {i}", outcome.error, outcome.rtn_error, time.perf_counter() - t0,
                                    outcome.detail))
         emit(progress, task, i + 1, total)
     if walk.head is not None:
         t0 = time.perf_counter()
-        qweights[walk.head_name], report = _quantize_head(model, walk)
+        if source is not None:
+            source.load(walk.head_name)
+        code, report = _quantize_head(model, walk)
+        codes = {walk.head_name: code}
+        qweights.update(codes if source is None else source.done(walk.head_name, codes))
         report.seconds = time.perf_counter() - t0
         reports.append(report)
         emit(progress, task, total, total)
-    if device.type != "cpu":
-        model.to("cpu")
+    _back_to_cpu(model, device)
     return WalkResult(qweights, reports, time.perf_counter() - t_start)
+
+
+@torch.no_grad()
+def quantize_data_free(model, method: str, qargs: QuantArgs, is_target: Callable[[str], bool], device: torch.device,
+                       progress: Progress | None = None, source: PartSource | None = None) -> WalkResult:
+    """RTN / INT8 weight-only without the per-layer check: no calibration data, no forwards; each targeted
+    Linear's codes straight from its weights, layer by layer on `device` (same codes as quantize_model's)."""
+    t_start = time.perf_counter()
+    _, layers, prefix = decoder_layers(model)
+    quantizer = METHODS[method](qargs, 0)
+    head = model.get_output_embeddings()
+    head_name = next((nm for nm, m in model.named_modules() if m is head), None)
+    parts = [(f"{prefix}.{i}", f"layer {i}") for i in range(len(layers))]
+    if head_name is not None and is_target(head_name):
+        parts.append((head_name, head_name))
+    qweights: dict[str, QuantizedWeight] = {}
+    reports: list[LayerReport] = []
+    for k, (name, label) in enumerate(parts):
+        t0 = time.perf_counter()
+        if source is not None:
+            source.load(name)
+        if name == head_name:
+            _untie_head(model, head)
+        module = model.get_submodule(name).to(device)
+        linears = {nm: m for nm, m in module.named_modules() if isinstance(m, nn.Linear)
+                   and is_target(f"{name}.{nm}" if nm else name)}
+        codes: dict[str, QuantizedWeight] = {}
+        for nm in linears:
+            codes.update(quantize_group(quantizer, module, [nm], linears, None, codes, None)[0])
+        if device.type != "cpu":
+            module.to("cpu")
+        codes = {f"{name}.{nm}" if nm else name: w for nm, w in codes.items()}
+        qweights.update(codes if source is None else source.done(name, codes))
+        reports.append(LayerReport(label, None, None, time.perf_counter() - t0))
+        emit(progress, f"{method} layer", k + 1, len(parts))
+    return WalkResult(qweights, reports, time.perf_counter() - t_start)
+
+
+def _back_to_cpu(model, device: torch.device) -> None:
+    """Everything the walk moved to the device back on the CPU (a streamed model's empty parts stay meta)."""
+    if device.type != "cpu":
+        model._apply(lambda t: t if t.is_meta else t.cpu())
+
+
+def _untie_head(model, head: nn.Linear) -> None:
+    """A head tied to the embedding gets its own copy before it is quantized: the embedding stays float."""
+    emb = model.get_input_embeddings()
+    if emb is not None and emb.weight is head.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
 
 
 def _quantize_layer(model, walk: _WalkPlan, index: int, layer: nn.Module, prefix: str,
@@ -559,10 +640,7 @@ def _quantize_head(model, walk: _WalkPlan) -> tuple[QuantizedWeight, LayerReport
     """Quantize the output projection from the final-norm outputs (no scale folding: nothing precedes it but
     the norm shared with nothing else, and a tied embedding is untied first so it stays float)."""
     head, head_name, method, device = walk.head, walk.head_name, walk.method, walk.device
-    emb = model.get_input_embeddings()
-    if emb is not None and emb.weight is head.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
+    _untie_head(model, head)
     head.to(device)
     norm = registry.final_norm(model)
     if norm is None:

@@ -46,7 +46,7 @@ def _model(arch: str, vocab: int, seed: int = 0):
 
 def _write(out, model, qweights, tokenizer_dir, fmt="compressed-tensors", method="rtn", args=None):
     out.mkdir()
-    write_checkpoint(fmt, model, qweights, out, args or QuantArgs(bits=4, group_size=32), method, [])
+    write_checkpoint(fmt, model, qweights, out, args or QuantArgs(bits=4, group_size=32), method)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, out / name)
     return out

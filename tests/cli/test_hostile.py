@@ -152,21 +152,19 @@ def test_bad_calibration_files(tiny_llama_random_dir, tmp_path, name):
 
 
 def test_disk_full_while_writing(tiny_llama_random_dir, tmp_path, monkeypatch):
-    """safetensors reports a full disk as its own error type: the writer's failure becomes one line that says how
-    much had been written and where, and the partial checkpoint is gone."""
-    import safetensors.torch
-    from safetensors import SafetensorError
+    """A full disk while the shards are written: the failure becomes one line that says how much had been
+    written and where, and the partial checkpoint is gone."""
+    import errno
 
-    import llmopt.checkpoint.formats._io as io
+    from llmopt.checkpoint.shards import ShardWriter
 
-    real = safetensors.torch.save_file
+    real = ShardWriter._finish_shard
 
-    def full(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)  # some bytes land, then the disk is full
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                              '"No space left on device" })')
+    def full(self):
+        real(self)  # some bytes land, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io, "save_file", full)
+    monkeypatch.setattr(ShardWriter, "_finish_shard", full)
     out = tmp_path / "out"
     r = runner.invoke(app, ["quantize", str(tiny_llama_random_dir), "--out", str(out), "--method", "rtn", *QFAST])
     _check_one_line(r, 2, "no space left on the device holding")

@@ -44,7 +44,15 @@ def test_json_output(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["method"] == "rtn" and d["quant_args"]["group_size"] == 64 and d["evaluated_with"] is None
-    assert all(layer["vs_rtn"] == 1.0 for layer in d["layers"])
+    # data-free: no calibration windows, no per-layer check, unless asked for
+    assert d["calibration"]["source"] is None and all(layer["error"] is None for layer in d["layers"])
+    assert {"load", "quantize", "write", "total"} <= set(d["timings"]) and "data" in d["timings"]
+    assert d["memory"]["load"] == "memory" and d["memory"]["peak_rss_bytes"] > 0
+    r = runner.invoke(app, ["quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "64", "--layer-check",
+                            "--no-evaluate", "--json", "--out", str(tmp_path / "q2"), *FAST])
+    assert r.exit_code == 0, r.output
+    checked = json.loads(r.stdout)
+    assert all(layer["vs_rtn"] == 1.0 for layer in checked["layers"]) and checked["calibration"]["samples"] == 16
 
 
 @pytest.fixture()

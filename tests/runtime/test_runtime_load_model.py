@@ -28,7 +28,7 @@ def test_load_model_runs_quantized_checkpoint(tmp_path):
     qws = quantize_model(model, 4, 32, True)
     out = tmp_path / "w4"
     out.mkdir()
-    write_checkpoint("gptq", model, qws, out, QuantArgs(bits=4, group_size=32), "gptq", ["lm_head"])
+    write_checkpoint("gptq", model, qws, out, QuantArgs(bits=4, group_size=32), "gptq")
     _tokenizer().save_pretrained(out)
     loaded = load_model(ModelSpec(str(out), device="cpu"))
     assert loaded.quantization["quant_method"] == "gptq"

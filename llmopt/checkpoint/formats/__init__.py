@@ -30,28 +30,36 @@ def check_supported(fmt: str, method: str, quant_args: QuantArgs) -> None:
 
 
 def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, QuantizedWeight], out: Path,
-                     quant_args: QuantArgs, method: str, ignore: list[str], kv_scales=None) -> None:
+                     quant_args: QuantArgs, method: str, kv_scales=None) -> None:
     """Write config.json (with quantization_config) and safetensors weights into the existing dir `out`.
 
-    Quantized Linears are stored in the format's layout; every other tensor of `model` as it is.
-    `ignore` (the user's patterns) only explains the float Linears: the config lists the exact names of the
-    Linears that stayed float, derived from `model` and `qweights`, which every loader matches unambiguously.
+    Quantized Linears are stored in the format's layout; every other tensor of `model` as it is. The config
+    lists the exact names of the Linears that stayed float, derived from `model` and `qweights` (not the user's
+    --ignore patterns), which every loader matches unambiguously.
     Names are the family's hub names: MoE experts per expert as transformers' save_pretrained writes them, and
     the routers listed among the float modules.
     `kv_scales` (quant/kv_scales.KVScales, compressed-tensors only): calibrated per-layer K/V scales, written as
     quantization_config.kv_cache_scheme plus {attention}.k_scale / .v_scale scalars, where vLLM reads them.
+    A model streamed from its shards writes the same tensors part by part (checkpoint_tensors with `keep`, into a
+    shards.ShardWriter), then write_config.
     """
-    module = _format(fmt)
-    module.check_supported(method, quant_args)
+    _format(fmt).check_supported(method, quant_args)
     if not qweights:
         raise LlmoptError("no Linear layer was quantized: check --ignore/--targets patterns")
-    out = Path(out)
+    tensors = checkpoint_tensors(fmt, model, qweights)
+    tensors.update(kv_scale_tensors(fmt, model, kv_scales))
+    _io.save_tensors(tensors, Path(out))
+    write_config(fmt, model, qweights, Path(out), quant_args, method, kv_scales)
+
+
+def checkpoint_tensors(fmt: str, model: torch.nn.Module, qweights: dict[str, QuantizedWeight],
+                       keep=None) -> dict[str, torch.Tensor]:
+    """The tensors to store, by hub name: `qweights` in the format's layout (with their biases) and every other
+    state-dict tensor of `model` for which keep(key) holds (all when keep is None)."""
+    module = _format(fmt)
     hub = moe.hub_renamer(model.config)
-    float_modules = _io.unquantized_linears(model, qweights)
-    float_modules += [r for r in moe.router_names(model) if r not in float_modules]
-    unquantized = [hub(n) for n in float_modules]
-    tensors = {hub(k): t for k, t in _io.plain_tensors(model, qweights).items()}
-    scale_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    tensors = {hub(k): t for k, t in _io.plain_tensors(model, qweights, keep).items()}
+    scale_dtype = _io.model_dtype(model)
     for name, qw in qweights.items():
         if fmt == "compressed-tensors":
             tensors.update(module.module_tensors(hub(name), qw, scale_dtype))
@@ -60,6 +68,29 @@ def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, Quant
         bias = _io.linear_bias(model, name, qw)
         if bias is not None:
             tensors[f"{hub(name)}.bias"] = bias  # original dtype: every loader casts biases to its compute dtype
+    return tensors
+
+
+def kv_scale_tensors(fmt: str, model: torch.nn.Module, kv_scales) -> dict[str, torch.Tensor]:
+    """{attention}.k_scale / .v_scale of calibrated KV scales (none without them)."""
+    if kv_scales is None:
+        return {}
+    from llmopt.checkpoint import kv_scales as kvs
+
+    if fmt != "compressed-tensors":
+        raise LlmoptError(f"calibrated KV scales are written only in compressed-tensors checkpoints, not {fmt}")
+    return kvs.tensors(kv_scales, moe.hub_renamer(model.config))
+
+
+def write_config(fmt: str, model: torch.nn.Module, qweights: dict[str, QuantizedWeight], out: Path,
+                 quant_args: QuantArgs, method: str, kv_scales=None) -> None:
+    """config.json with quantization_config (and generation_config.json, GPTQ's quantize_config.json). Reads only
+    the names and settings of `qweights`, so a streamed run passes them with meta tensors."""
+    module = _format(fmt)
+    hub = moe.hub_renamer(model.config)
+    float_modules = _io.unquantized_linears(model, qweights)
+    float_modules += [r for r in moe.router_names(model) if r not in float_modules]
+    unquantized = [hub(n) for n in float_modules]
     qweights = {hub(n): qw for n, qw in qweights.items()}
     if fmt == "compressed-tensors":
         qc = module.quantization_config(qweights, unquantized)
@@ -70,11 +101,7 @@ def write_checkpoint(fmt: str, model: torch.nn.Module, qweights: dict[str, Quant
     if kv_scales is not None:
         from llmopt.checkpoint import kv_scales as kvs
 
-        if fmt != "compressed-tensors":
-            raise LlmoptError(f"calibrated KV scales are written only in compressed-tensors checkpoints, not {fmt}")
         qc["kv_cache_scheme"] = kvs.scheme(kv_scales.kind)
-        tensors.update(kvs.tensors(kv_scales, hub))
-    _io.save_tensors(tensors, out)
     config = _io.model_config_dict(model, qc)
     if "lm_head" in qweights:  # a quantized head can no longer share the embedding's tensor
         config["tie_word_embeddings"] = False
@@ -122,4 +149,5 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, QuantizedWeight], dict[
     return config, qweights, tensors
 
 
-__all__ = ["check_supported", "write_checkpoint", "read_checkpoint", "read_config", "quant_method"]
+__all__ = ["check_supported", "checkpoint_tensors", "kv_scale_tensors", "quant_method", "read_checkpoint", "read_config",
+           "write_checkpoint", "write_config"]

@@ -6,15 +6,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from llmopt.errors import LlmoptError
+from llmopt.checkpoint.shards import INDEX_NAME, ShardWriter
 from llmopt.checkpoint.types import QuantizedWeight
+from llmopt.errors import LlmoptError
 from llmopt.utils import dtype_name
-
-SHARD_BYTES = 4 << 30  # split weights into files of at most ~4 GiB, like save_pretrained does
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
@@ -29,8 +26,15 @@ def unquantized_linears(model: torch.nn.Module, qweights: dict[str, QuantizedWei
     return [n for n in linear_names(model) if n not in qweights]
 
 
-def plain_tensors(model: torch.nn.Module, qweights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """Every state-dict tensor except the float weights (and biases) of quantized Linears.
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (the first one's)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def plain_tensors(model: torch.nn.Module, qweights: dict[str, QuantizedWeight], keep=None
+                  ) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor except the float weights (and biases) of quantized Linears (only the keys for
+    which keep(key) holds, when given: a streamed model writes part by part).
 
     Tensors sharing storage (tied embeddings) are written once, under the first name, as
     save_pretrained does; the loader re-ties them from the config. A float Linear converted from a Conv1D
@@ -43,7 +47,7 @@ def plain_tensors(model: torch.nn.Module, qweights: dict[str, QuantizedWeight]) 
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for key, t in model.state_dict().items():
-        if key in skip:
+        if key in skip or (keep is not None and not keep(key)):
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
         if ident in seen:
@@ -64,28 +68,10 @@ def linear_bias(model: torch.nn.Module, name: str, qw: QuantizedWeight) -> torch
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
-    """Write tensors as one safetensors file, or shards plus an index when they exceed SHARD_BYTES."""
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    meta = {"format": "pt"}
-    if total <= SHARD_BYTES:
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata=meta)
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if size and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata=meta)
-        weight_map.update({k: fname for k in shard})
-    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    """Write tensors as one safetensors file, or shards plus an index past SHARD_BYTES (checkpoint/shards.py)."""
+    writer = ShardWriter(out)
+    writer.add_all(tensors)
+    writer.close()
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -106,8 +92,7 @@ def model_config_dict(model: torch.nn.Module, quantization_config: dict) -> dict
     """The model's config as a dict with `quantization_config` set (the model's own config is not modified)."""
     cfg = model.config.to_dict()
     cfg["quantization_config"] = quantization_config
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    cfg["dtype"] = dtype_name(dtype)
+    cfg["dtype"] = dtype_name(model_dtype(model))
     cfg.pop("torch_dtype", None)
     return cfg
 

@@ -56,7 +56,7 @@ def _same(a, b):
 def test_round_trip(tmp_path, fmt, method, bits, gs, sym, act):
     model = tiny_qwen2() if fmt == "gptq" and bits == 4 else tiny_llama()
     qws = quantize_model(model, bits, gs, sym, act)
-    write_checkpoint(fmt, model, qws, tmp_path, QuantArgs(bits=bits, group_size=gs, sym=sym), method, ["lm_head"])
+    write_checkpoint(fmt, model, qws, tmp_path, QuantArgs(bits=bits, group_size=gs, sym=sym), method)
     config, back, others = read_checkpoint(tmp_path)
     assert config["quantization_config"]["quant_method"] == fmt
     assert set(back) == set(qws)
@@ -90,7 +90,7 @@ def test_gptq_act_order_g_idx_round_trip(tmp_path):
             g_idx = (torch.argsort(torch.rand(n_in)).argsort() // 32).to(torch.int32)  # permuted, 32 per group
             qws[name] = rtn(m.weight.detach(), 4, 32, True, g_idx=g_idx)
     args = QuantArgs(bits=4, group_size=32, act_order=True)
-    write_checkpoint("gptq", model, qws, tmp_path, args, "gptq", [])
+    write_checkpoint("gptq", model, qws, tmp_path, args, "gptq")
     config, back, _ = read_checkpoint(tmp_path)
     assert config["quantization_config"]["desc_act"] is True
     for name, qw in qws.items():
@@ -98,20 +98,20 @@ def test_gptq_act_order_g_idx_round_trip(tmp_path):
         _same(back[name].qweight, qw.qweight)
     with pytest.raises(LlmoptError, match="g_idx"):
         write_checkpoint("compressed-tensors", model, qws, tmp_path / "x", QuantArgs(bits=4, group_size=32),
-                         "gptq", [])
+                         "gptq")
 
 
 def test_configs_written(tmp_path):
     model = tiny_llama()
     qws = quantize_model(model, 4, 32, True)
-    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=4, group_size=32), "rtn", ["lm_head"])
+    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=4, group_size=32), "rtn")
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head"]
     assert qc["config_groups"]["group_0"]["weights"] == {"num_bits": 4, "type": "int", "symmetric": True,
                                                          "dynamic": False, "group_size": 32, "strategy": "group"}
     out = tmp_path / "g"
     out.mkdir()
-    write_checkpoint("gptq", model, qws, out, QuantArgs(bits=4, group_size=32), "gptq", [])
+    write_checkpoint("gptq", model, qws, out, QuantArgs(bits=4, group_size=32), "gptq")
     qc = json.loads((out / "quantize_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["checkpoint_format"]) == (4, 32, True, False,
                                                                                                   "gptq")
@@ -137,7 +137,7 @@ def test_gptq_rejects_zero_point_zero(tmp_path):
     name = next(iter(qws))
     qws[name].zeros[0, 0] = 0
     with pytest.raises(LlmoptError, match="zero point of 0"):
-        write_checkpoint("gptq", model, qws, tmp_path, QuantArgs(bits=4, group_size=32, sym=False), "gptq", [])
+        write_checkpoint("gptq", model, qws, tmp_path, QuantArgs(bits=4, group_size=32, sym=False), "gptq")
 
 
 def test_reads_per_tensor_int8_scales(tmp_path):
@@ -148,7 +148,7 @@ def test_reads_per_tensor_int8_scales(tmp_path):
     qws = quantize_model(model, 8, -1, True, act_bits=8)
     name = "model.layers.0.mlp.up_proj"
     qws[name].scales[:] = qws[name].scales.max()  # a single scale, stored as a [1] tensor below
-    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=8, group_size=-1), "w8a8", [])
+    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=8, group_size=-1), "w8a8")
     tensors = load_file(str(tmp_path / "model.safetensors"))
     tensors[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"][:1, 0].clone()  # [1]
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})

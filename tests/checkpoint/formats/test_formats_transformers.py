@@ -33,8 +33,7 @@ def test_transformers_loads_compressed_tensors(tmp_path, scheme, arch):
     method, bits, gs, act = CT_SCHEMES[scheme]
     model = tiny_llama() if arch == "llama" else tiny_qwen2()
     qws = quantize_model(model, bits, gs, True, act)
-    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=bits, group_size=gs), method,
-                     ["lm_head"])
+    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=bits, group_size=gs), method)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ours = _runtime(tmp_path)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -59,7 +58,7 @@ def test_transformers_loads_compressed_tensors(tmp_path, scheme, arch):
 def test_runtime_runs_gptq_and_awq(tmp_path, fmt, bits, gs, sym):
     model = tiny_qwen2() if fmt == "awq" else tiny_llama()
     qws = quantize_model(model, bits, gs, sym)
-    write_checkpoint(fmt, model, qws, tmp_path, QuantArgs(bits=bits, group_size=gs, sym=sym), fmt, [])
+    write_checkpoint(fmt, model, qws, tmp_path, QuantArgs(bits=bits, group_size=gs, sym=sym), fmt)
     _, back, _ = read_checkpoint(tmp_path)
     with torch.no_grad():  # float reference: the weights the checkpoint actually stores (fp16 scales)
         for name, qw in back.items():
@@ -83,7 +82,7 @@ def test_quantized_head_of_tied_model(tmp_path):
     model = tiny_qwen2()
     qws = quantize_model(model, 4, 32, True, skip=())
     assert "lm_head" in qws
-    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=4, group_size=32), "rtn", [])
+    write_checkpoint("compressed-tensors", model, qws, tmp_path, QuantArgs(bits=4, group_size=32), "rtn")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ours = _runtime(tmp_path)
     set_kernel(ours, "dequant")
