@@ -63,30 +63,46 @@ def sliding_windows(stream: torch.Tensor, seq_len: int, stride: int) -> SlidingW
     return SlidingWindows(windows, scored)
 
 
+class QualityMeter:
+    """Perplexity and (with a baseline) KLD and top-1 agreement, fed batch by batch with the logits of the same
+    predictions."""
+
+    def __init__(self) -> None:
+        self.total, self.agree = NllTotal(), 0
+        self.klds: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        """logits [K, V] of K predictions of targets [K]; base [K, V] the baseline's logits of the same ones."""
+        self.total.add(logits, targets)
+        if base is None:
+            return
+        if base.shape[-1] != logits.shape[-1]:
+            from llmopt.errors import LlmoptError
+
+            raise LlmoptError(f"model and baseline vocabularies differ ({logits.shape[-1]} vs {base.shape[-1]}): "
+                              f"KLD needs the same tokenizer")
+        self.klds.append(kl_per_token(base, logits))
+        self.agree += (base.argmax(-1) == logits.argmax(-1)).sum().item()
+
+    def result(self) -> Quality:
+        if not self.klds:
+            return Quality(self.total.perplexity, self.total.tokens)
+        kld = torch.cat(self.klds)
+        return Quality(self.total.perplexity, self.total.tokens, kld.mean().item(),
+                       torch.quantile(kld.float(), 0.99).item(), self.agree / self.total.tokens)
+
+
 @torch.inference_mode()
 def measure_quality(model, windows: torch.Tensor, baseline=None, batch_size: int = 8,
                     scored: torch.Tensor | None = None) -> Quality:
     """Perplexity of `model` on windows [N, L] (every token but each window's first is predicted, or only the
     predictions marked in `scored` [N, L-1]); with `baseline`, KL-divergence from the baseline's next-token
     distribution and top-1 agreement on the same predictions."""
-    total, agree = NllTotal(), 0
-    klds: list[torch.Tensor] = []
+    meter = QualityMeter()
     if scored is None:
         scored = torch.ones(windows.shape[0], windows.shape[1] - 1, dtype=torch.bool)
     for x, keep in zip(batches(windows, batch_size), batches(scored, batch_size), strict=True):
         logits = prediction_logits(model, x)[keep]  # [K, V]
-        total.add(logits, x[:, 1:][keep])
-        if baseline is not None:
-            base = prediction_logits(baseline, x)[keep]
-            if base.shape[-1] != logits.shape[-1]:
-                from llmopt.errors import LlmoptError
-
-                raise LlmoptError(f"model and baseline vocabularies differ ({logits.shape[-1]} vs {base.shape[-1]}): "
-                                  f"KLD needs the same tokenizer")
-            klds.append(kl_per_token(base, logits))
-            agree += (base.argmax(-1) == logits.argmax(-1)).sum().item()
-    if baseline is None:
-        return Quality(total.perplexity, total.tokens)
-    kld = torch.cat(klds)
-    return Quality(total.perplexity, total.tokens, kld.mean().item(), torch.quantile(kld.float(), 0.99).item(),
-                   agree / total.tokens)
+        base = None if baseline is None else prediction_logits(baseline, x)[keep]
+        meter.add(logits, x[:, 1:][keep], base)
+    return meter.result()

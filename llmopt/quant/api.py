@@ -251,10 +251,6 @@ def plan_load(args: QuantizeArgs, dtype: torch.dtype) -> LoadPlan:
         return LoadPlan("memory", "available memory unknown", model_bytes, budget)
     if whole <= budget:
         return LoadPlan("memory", f"{about} fits the {gb(budget)} {where}", model_bytes, budget)
-    if args.evaluate:
-        raise LlmoptError(f"{args.model}: {about} exceeds the {gb(budget)} {where}, so llmopt would stream it layer "
-                          f"by layer, but --evaluate loads the float and the quantized model whole: pass "
-                          f"--no-evaluate (and run llmopt eval where the model fits), or --load memory")
     return LoadPlan("stream", f"{about} exceeds the {gb(budget)} {where}", model_bytes, budget)
 
 
@@ -311,7 +307,7 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
         kv_scales = kvs.calibrate(prepared.model, calib.input_ids, args.kv_cache, device)
         timings["kv_calibrate"] = time.perf_counter() - t
     with atomic_dir(args.out, args.overwrite) as tmp:
-        result, streamed = _walk(args, prepared, qargs, calib, device, dtype, tmp, progress)
+        result, streamed = _walk(args, prepared, qargs, calib, eval_batch, device, dtype, tmp, progress)
         timings["quantize"] = result.seconds
         kinds = prepared.by_kind(set(result.qweights))
         check_all_targeted_quantized(kinds)
@@ -319,28 +315,35 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
             timings["stream_read"] = prepared.stream.read_seconds
             timings["stream_write"] = streamed.write_seconds
         t = time.perf_counter()
+        quality = None  # a streamed run's quality table, measured during its walk
         if streamed is None:
             formats.write_checkpoint(args.format, prepared.model, result.qweights, tmp, qargs, args.method,
                                      kv_scales=kv_scales)
         else:
-            streamed.finish(result.qweights, qargs, args.method, kv_scales)
+            quality = streamed.finish(result.qweights, qargs, args.method, kv_scales)
         timings["write"] = time.perf_counter() - t
+        if quality is not None:  # inside "quantize" and "write"
+            timings["stream_evaluate"] = streamed.evaluator.seconds
         memory = _memory_record(load, device)
         return _finish(args, prepared, result, kinds, kv_scales, calib, eval_batch, device, dtype, timings, t_all,
-                       tmp, memory)
+                       tmp, memory, quality)
 
 
-def _walk(args: QuantizeArgs, prepared: _Prepared, qargs: QuantArgs, calib, device: torch.device,
+def _walk(args: QuantizeArgs, prepared: _Prepared, qargs: QuantArgs, calib, eval_batch, device: torch.device,
           dtype: torch.dtype, tmp: Path, progress: Progress | None):
-    """The layer walk (or the data-free pass), streamed into tmp when the model is; returns (WalkResult, the
-    StreamedCheckpoint or None)."""
+    """The layer walk (or the data-free pass), streamed into tmp when the model is (with the quality table
+    measured on the way when there is an eval batch); returns (WalkResult, the StreamedCheckpoint or None)."""
+    from llmopt.quant.methods import method_class
     from llmopt.quant.walk import quantize_data_free, quantize_model
 
     streamed = None
     if prepared.stream is not None:
         from llmopt.quant.streamed import StreamedCheckpoint
+        from llmopt.quant.streamed_eval import StreamedEval
 
-        streamed = StreamedCheckpoint(prepared.model, prepared.stream, args.format, tmp)
+        evaluator = None if eval_batch is None else StreamedEval(prepared.model, eval_batch.input_ids, device,
+                                                                 method_class(args.method).act_bits)
+        streamed = StreamedCheckpoint(prepared.model, prepared.stream, args.format, tmp, evaluator)
     if not args.layer_check:
         result = quantize_data_free(prepared.model, args.method, qargs, prepared.is_target, device, progress, streamed)
     else:
@@ -419,12 +422,14 @@ def load_data(args: QuantizeArgs, tokenizer):
 
 def _finish(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_scales, calib, eval_batch,
             device: torch.device, dtype: torch.dtype, timings: dict, t_all: float, tmp: Path,
-            memory: dict) -> QuantizeResult:
-    """The shared finish step (quant/finish.py) in the atomic temp dir: tokenizer, evaluation, llmopt.json."""
+            memory: dict, quality: dict | None) -> QuantizeResult:
+    """The shared finish step (quant/finish.py) in the atomic temp dir: tokenizer, evaluation (a streamed run
+    brings its own `quality`), llmopt.json."""
     from llmopt.quant.finish import (
         FloatSource,
         Written,
         calibration_record,
+        eval_record,
         evaluate_written,
         write_quant_manifest,
     )
@@ -435,9 +440,13 @@ def _finish(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_sca
     calibration = calibration_record(args, calib)
     source = FloatSource(args.model, prepared.path, args.model, args.revision)
     kv_info = None if kv_scales is None else kv_scales.to_dict()
-    metrics, evaluated_with = evaluate_written(args, tmp, prepared.tokenizer, source, eval_batch, device, dtype,
-                                               timings)
-    if evaluated_with is not None:
+    metrics, evaluated_with = evaluate_written(args, tmp, prepared.tokenizer, source,
+                                               None if quality is not None else eval_batch, device, dtype, timings)
+    if quality is not None:
+        metrics.update(quality)
+        metrics["eval"] = eval_record(args, eval_batch)
+        evaluated_with = "streamed"
+    elif evaluated_with is not None:
         from llmopt.memory import peak_rss_bytes
 
         memory["peak_rss_with_evaluation_bytes"] = peak_rss_bytes()

@@ -46,6 +46,12 @@ def calibration_record(args, calib) -> dict:
             "seed": calib.seed, "sha256": calib.sha256}
 
 
+def eval_record(args, eval_batch) -> dict:
+    """The eval windows as the manifest reports them."""
+    return {"source": eval_batch.source, "split": eval_batch.split, "samples": args.eval_samples,
+            "seq_len": args.eval_seq_len, "sha256": eval_batch.sha256}
+
+
 def evaluate_written(args, tmp: Path, tokenizer, source: FloatSource, eval_batch, device: torch.device,
                      dtype: torch.dtype, timings: dict) -> tuple[dict, str | None]:
     """llmopt's tokenizer into tmp, sizes, and (with an eval batch) the quality of the written checkpoint vs the
@@ -56,8 +62,7 @@ def evaluate_written(args, tmp: Path, tokenizer, source: FloatSource, eval_batch
         return metrics, None
     t = time.perf_counter()
     metrics.update(_quality(args, tmp, source, eval_batch.input_ids, device, dtype))
-    metrics["eval"] = {"source": eval_batch.source, "split": eval_batch.split, "samples": args.eval_samples,
-                       "seq_len": args.eval_seq_len, "sha256": eval_batch.sha256}
+    metrics["eval"] = eval_record(args, eval_batch)
     timings["evaluate"] = time.perf_counter() - t
     return metrics, "runtime"
 
@@ -91,4 +96,4 @@ def write_quant_manifest(tmp: Path, args, source: FloatSource, written: Written,
     })
 
 
-__all__ = ["FloatSource", "Written", "calibration_record", "evaluate_written", "write_quant_manifest"]
+__all__ = ["FloatSource", "Written", "calibration_record", "eval_record", "evaluate_written", "write_quant_manifest"]

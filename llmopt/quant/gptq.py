@@ -42,10 +42,19 @@ class HessianAccumulator:
         self.n += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
+        """H [in, in] float32. Consumes the accumulator: the upper blocks are mirrored in place, one block row at
+        a time, so no full-size float64 temporary is made (down_proj's 5632² H is 254 MB in float64)."""
         if self.n == 0:
             raise LlmoptError("GPTQ saw no calibration inputs for a layer: check --samples and the model")
-        upper = torch.triu(self.h)  # every entry on/above the diagonal lies in a computed block
-        return ((upper + torch.triu(self.h, 1).t()) * (2.0 / self.n)).float()
+        h, n_in = self.h, self.h.shape[0]
+        for i in range(0, n_in, SYM_BLOCK):
+            j = min(i + SYM_BLOCK, n_in)
+            block = h[i:j, i:j]  # diagonal block: its upper triangle mirrored onto its lower one
+            block.copy_(torch.triu(block) + torch.triu(block, 1).t())
+            h[j:, i:j] = h[i:j, j:].t()  # the block row right of it, mirrored below it
+        h.mul_(2.0 / self.n)
+        self.h = None  # consumed
+        return h.float()
 
 
 def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -57,9 +66,12 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
         hd = h.clone()
         hd[diag, diag] += max(damp, 1e-6) * factor * mean_diag
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd  # [in, in] temporaries freed as soon as they are used: down_proj's are 127 MB each
         if info == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info == 0:
                 return chol_inv
     raise LlmoptError("GPTQ: the Hessian is not positive definite even with 100x --damp: raise --damp or "
@@ -76,12 +88,14 @@ class _GroupParams:
     col_group: torch.Tensor  # [in] group of each (permuted) column
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs) -> QuantizedWeight:
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, consume_h: bool = False) -> QuantizedWeight:
     """GPTQ of w [out, in] given H [in, in]. Returns codes in the original column order; with act_order
-    (and no static groups) g_idx maps each column to its group."""
+    (and no static groups) g_idx maps each column to its group. consume_h: h (float32) may be overwritten,
+    which saves a copy of it (127 MB for a 5632-wide input)."""
     check_group_size(w.shape[1], args.group_size)
     W = w.detach().float().clone()  # [out, in]
-    H = h.float().clone()  # [in, in]
+    H = h if consume_h and h.dtype == torch.float32 else h.float().clone()  # [in, in]
+    del h
     dead = H.diagonal() == 0  # inputs that never fire: any value works, keep the Hessian invertible
     H[dead, dead] = 1.0
     W[:, dead] = 0.0

@@ -116,16 +116,18 @@ class Gptq(Method):
     def quantize(self, names, linears, stat, folded):
         hessian = stat.hessian()  # [in, in]
         codes: dict[str, QuantizedWeight] = {}
-        for chunk in row_chunks(names, linears):
-            codes.update(self._stacked(chunk, linears, hessian))
+        chunks = row_chunks(names, linears)
+        for k, chunk in enumerate(chunks):
+            codes.update(self._stacked(chunk, linears, hessian, last=k == len(chunks) - 1))
         return codes
 
-    def _stacked(self, names: list[str], linears: dict[str, nn.Module], hessian: torch.Tensor
+    def _stacked(self, names: list[str], linears: dict[str, nn.Module], hessian: torch.Tensor, last: bool
                  ) -> dict[str, QuantizedWeight]:
         """GPTQ of Linears sharing an input as ONE stacked matrix: rows are independent given H, so stacking
-        q/k/v (gate/up) gives the same codes with one factorisation and one column loop instead of three."""
+        q/k/v (gate/up) gives the same codes with one factorisation and one column loop instead of three.
+        The last chunk lets GPTQ overwrite the Hessian instead of copying it."""
         w = torch.cat([linears[n].weight.detach().float() for n in names])  # [Σout, in]
-        stacked = gptq_quantize(w, hessian, self.qargs)
+        stacked = gptq_quantize(w, hessian, self.qargs, consume_h=last)
         codes: dict[str, QuantizedWeight] = {}
         start = 0
         for n in names:

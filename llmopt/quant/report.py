@@ -61,8 +61,10 @@ def phases_line(res: QuantizeResult) -> str:
     tm = res.timings
     parts = [f"{label} {tm[key]:.1f} s" for key, label in _PHASES if key in tm]
     if "stream_read" in tm:
-        parts[[k for k, _ in _PHASES if k in tm].index("quantize")] += (
-            f" (reading {tm['stream_read']:.1f} s, writing {tm['stream_write']:.1f} s of it)")
+        inside = f"reading {tm['stream_read']:.1f} s, writing {tm['stream_write']:.1f} s"
+        if "stream_evaluate" in tm:
+            inside += f", evaluating {tm['stream_evaluate']:.1f} s"
+        parts[[k for k, _ in _PHASES if k in tm].index("quantize")] += f" (of it: {inside})"
     return "time: " + " · ".join(parts)
 
 

@@ -343,6 +343,9 @@ def quantize_data_free(model, method: str, qargs: QuantArgs, is_target: Callable
     parts = [(f"{prefix}.{i}", f"layer {i}") for i in range(len(layers))]
     if head_name is not None and is_target(head_name):
         parts.append((head_name, head_name))
+    if source is not None:  # nothing to capture, but the source writes the embeddings (and evaluates) here
+        source.before_capture()
+        source.after_capture()
     qweights: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
     for k, (name, label) in enumerate(parts):

@@ -109,13 +109,40 @@ def test_auto_streams_past_the_budget(tiny_model_dir, tmp_path):
     assert "streamed layer by layer" in r.output and "exceeds the 0.00 GB --max-memory 1MB" in r.output
     r = _quantize(tiny_model_dir, tmp_path / "q2", "--method", "rtn", "--max-memory", "64GB")
     assert "whole in memory" in r.output and "fits the 64.00 GB --max-memory 64GB" in r.output
-    # streaming cannot evaluate (the evaluation loads both models whole): said before any work
     out = tmp_path / "q3"
-    r = runner.invoke(app, ["quantize", str(tiny_model_dir), "--out", str(out), "--method", "rtn",
-                            "--max-memory", "1MB"])
-    assert r.exit_code == 2 and "--no-evaluate" in r.output and not out.exists()
     r = runner.invoke(app, ["quantize", str(tiny_model_dir), "--out", str(out), "--max-memory", "lots"])
-    assert r.exit_code == 2 and "is not a size" in r.output
+    assert r.exit_code == 2 and "is not a size" in r.output and not out.exists()
+
+
+@pytest.mark.parametrize("family,extra", [("llama", []), ("qwen2", []), ("gpt2", []),
+                                          ("qwen2", ["lm_head"])])
+def test_streamed_quality_equals_the_written_checkpoints(family_dirs, tiny_model_dir, tmp_path, family, extra):
+    """The quality table a streamed run measures layer by layer equals the in-memory evaluation of the same
+    checkpoint through llmopt's runtime on its fp32 dequantize kernel (same weights, same windows)."""
+    from llmopt.evaluate.quality import measure_quality
+    from llmopt.models import ModelSpec, load_model
+    from llmopt.quant.api import QuantizeArgs, load_data, quantize
+    from llmopt.runtime import set_kernel
+
+    def args(load, out):
+        return QuantizeArgs(model=str(family_dirs[family]), out=out, method="gptq", group_size=32, samples=8,
+                            seq_len=32, eval_samples=6, eval_seq_len=48, device="cpu", load=load,
+                            targets=["Linear", *extra])
+
+    streamed = quantize(args("stream", tmp_path / "s"))
+    assert streamed.evaluated_with == "streamed" and "stream_evaluate" in streamed.timings
+    quantize(args("memory", tmp_path / "m"))
+    base = load_model(ModelSpec(str(family_dirs[family]), "cpu", "float32"))
+    quant = load_model(ModelSpec(str(tmp_path / "m"), "cpu", "float32")).model
+    set_kernel(quant, "dequant")
+    _, eval_batch = load_data(args("memory", tmp_path / "x"), base.tokenizer)
+    want_q = measure_quality(quant, eval_batch.input_ids, base.model)
+    want_f = measure_quality(base.model, eval_batch.input_ids)
+    got_q, got_f = streamed.metrics["quantized"], streamed.metrics["float"]
+    assert got_f["perplexity"] == pytest.approx(want_f.perplexity, rel=1e-5)
+    assert got_q["perplexity"] == pytest.approx(want_q.perplexity, rel=1e-5)
+    assert got_q["kld_mean"] == pytest.approx(want_q.kld_mean, rel=1e-3) and got_q["kld_mean"] > 0
+    assert got_q["top1_agreement"] == pytest.approx(want_q.top1_agreement, abs=2 / want_q.tokens)
 
 
 def _bad_checkpoint(src, dst, damage):
