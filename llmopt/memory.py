@@ -57,8 +57,29 @@ def peak_gpu_bytes(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device))
 
 
+def return_freed_memory() -> None:
+    """Give the allocator's freed memory back to the OS (glibc malloc_trim; nothing elsewhere).
+
+    A streamed walk frees a layer's tensors and allocates the next one's: glibc keeps the freed blocks in its
+    heap, fragmented, and the resident set grew ~31 MB per layer on a 0.97B Llama (RTN); trimmed after each
+    layer it stays flat."""
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
+
+
 def gb(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e9:.2f} GB"
 
 
-__all__ = ["available_bytes", "gb", "parse_size", "peak_gpu_bytes", "peak_rss_bytes"]
+__all__ = ["available_bytes", "gb", "parse_size", "peak_gpu_bytes", "peak_rss_bytes", "return_freed_memory"]

@@ -80,6 +80,11 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out, in] float weight: (q - zero) * scale, group by group."""
+        if self.g_idx is None:  # contiguous groups: the same arithmetic on the [out, G, gs] view
+            out, n_in = self.qweight.shape
+            q = self.qweight.to(torch.float32, copy=True).reshape(out, self.scales.shape[1], -1)  # [out, G, gs]
+            z = self.zeros.to(torch.float32).unsqueeze(-1)  # [out, G, 1]
+            return q.sub_(z).mul_(self.scales.to(torch.float32).unsqueeze(-1)).reshape(out, n_in).to(dtype)
         g = self.group_index()  # [in]
         q = self.qweight.to(torch.float32)
         z = self.zeros.to(torch.float32)[:, g]  # [out, in]

@@ -19,6 +19,7 @@ from torch import nn
 
 from llmopt.checkpoint.shards import ShardReader
 from llmopt.errors import LlmoptError
+from llmopt.memory import return_freed_memory
 
 
 @dataclass(slots=True)
@@ -124,6 +125,7 @@ class WeightStream:
             for pname, p in list(sub._parameters.items()):
                 if p is not None and not p.is_meta:
                     sub._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        return_freed_memory()
 
 
 __all__ = ["StreamedModel", "WeightStream", "open_streamed"]

@@ -345,7 +345,8 @@ def _walk(args: QuantizeArgs, prepared: _Prepared, qargs: QuantArgs, calib, eval
                                                                  method_class(args.method).act_bits)
         streamed = StreamedCheckpoint(prepared.model, prepared.stream, args.format, tmp, evaluator)
     if not args.layer_check:
-        result = quantize_data_free(prepared.model, args.method, qargs, prepared.is_target, device, progress, streamed)
+        result = quantize_data_free(prepared.model, args.method, qargs, prepared.is_target, device, progress, streamed,
+                                    write_back=streamed is not None and streamed.evaluator is not None)
     else:
         result = quantize_model(prepared.model, calib.input_ids, args.method, qargs, prepared.is_target, device,
                                 progress, calib_dtype=_calib_dtype(args.calib_dtype, dtype, device), source=streamed)

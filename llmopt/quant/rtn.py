@@ -78,8 +78,9 @@ def rtn_quantize(w: torch.Tensor, args: QuantArgs, clip: torch.Tensor | None = N
     if clip is not None:
         wmin, wmax = wmin * clip, wmax * clip
     scale, zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
-    q = quantize_codes(w, expand_groups(scale, args.group_size, n_in), expand_groups(zero, args.group_size, n_in),
-                       args.bits)
+    # quantize_codes' arithmetic on the [out, G, gs] view, scale/zero broadcast per group: no [out, in] copies
+    q = w.reshape(out, scale.shape[1], -1) / scale.unsqueeze(-1)  # [out, G, gs]
+    q = q.round_().add_(zero.unsqueeze(-1)).clamp_(0, 2 ** args.bits - 1).reshape(out, n_in)
     return QuantizedWeight(qweight=q.to(torch.uint8), scales=scale, zeros=zero.to(torch.int32), g_idx=None,
                            bits=args.bits, group_size=args.group_size, sym=args.sym)
 

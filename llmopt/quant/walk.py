@@ -38,6 +38,7 @@ from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 from llmopt.errors import LlmoptError
 from llmopt.families import moe, registry
 from llmopt.families.registry import LayerPlan, ScaleGroup, fold_scales
+from llmopt.memory import return_freed_memory
 from llmopt.progress import Progress, emit
 from llmopt.quant.methods import METHODS, Method
 from llmopt.quant.reference import ErrorMeter, act_quant, input_hooks, rtn_error
@@ -198,7 +199,7 @@ def _forwards(device: torch.device, calib_dtype: torch.dtype | None):
 
 @torch.no_grad()
 def quantize_group(method: Method, layer: nn.Module, names: list[str], linears: dict[str, nn.Module], stat,
-                   done: dict[str, QuantizedWeight], plan: LayerPlan | None
+                   done: dict[str, QuantizedWeight], plan: LayerPlan | None, write_back: bool = True
                    ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize the target Linears `names` that read one input (stat: its collector; None when data-free),
     in place (dequantized weights written back). A scale-folding method first folds its per-input-channel scales
@@ -216,8 +217,10 @@ def quantize_group(method: Method, layer: nn.Module, names: list[str], linears: 
     for name, qw in codes.items():
         lin = linears[name]
         qw.bias = None if lin.bias is None else lin.bias.detach().clone()
-        lin.weight.copy_(qw.dequantize(lin.weight.dtype))
+        if write_back:  # the quantized forwards that follow run on these (write_back=False: nothing follows)
+            lin.weight.copy_(qw.dequantize(lin.weight.dtype))
         codes[name] = _to_cpu(qw)  # codes wait for the writer in host memory, not on the device
+    return_freed_memory()  # the statistics and solver temporaries just freed (memory.py: heap fragmentation)
     return codes, detail
 
 
@@ -332,9 +335,11 @@ def quantize_model(model, input_ids: torch.Tensor, method: str, qargs: QuantArgs
 
 @torch.no_grad()
 def quantize_data_free(model, method: str, qargs: QuantArgs, is_target: Callable[[str], bool], device: torch.device,
-                       progress: Progress | None = None, source: PartSource | None = None) -> WalkResult:
+                       progress: Progress | None = None, source: PartSource | None = None,
+                       write_back: bool = False) -> WalkResult:
     """RTN / INT8 weight-only without the per-layer check: no calibration data, no forwards; each targeted
-    Linear's codes straight from its weights, layer by layer on `device` (same codes as quantize_model's)."""
+    Linear's codes straight from its weights, layer by layer on `device` (same codes as quantize_model's).
+    write_back: the dequantized weights replace the float ones (a streamed evaluation runs on them)."""
     t_start = time.perf_counter()
     _, layers, prefix = decoder_layers(model)
     quantizer = METHODS[method](qargs, 0)
@@ -359,7 +364,7 @@ def quantize_data_free(model, method: str, qargs: QuantArgs, is_target: Callable
                    and is_target(f"{name}.{nm}" if nm else name)}
         codes: dict[str, QuantizedWeight] = {}
         for nm in linears:
-            codes.update(quantize_group(quantizer, module, [nm], linears, None, codes, None)[0])
+            codes.update(quantize_group(quantizer, module, [nm], linears, None, codes, None, write_back)[0])
         if device.type != "cpu":
             module.to("cpu")
         codes = {f"{name}.{nm}" if nm else name: w for nm, w in codes.items()}

@@ -39,6 +39,13 @@ def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """[R, C] integer codes in [0, 2**bits) → [R, ceil(C*bits/32)] int32, packed along dim 1."""
     rows, cols = values.shape
     padded = math.ceil(cols / _WORD) * _WORD
+    if _WORD % bits == 0:  # 2/4/8 bits: no value spans two words; OR the shifted values straight into int32
+        per = _WORD // bits  # (the top value's shift wraps into the sign bit: the same 32-bit pattern)
+        v = torch.nn.functional.pad(values.to(torch.int32), (0, padded - cols)).view(rows, padded // per, per)
+        words = v[..., 0].clone()  # [R, C'/per]
+        for k in range(1, per):
+            words |= v[..., k] << (k * bits)
+        return words[:, : packed_len(cols, bits)].contiguous()
     v = torch.nn.functional.pad(values.to(torch.int64), (0, padded - cols))  # [R, C']
     v = v.view(rows, padded // _WORD, _WORD)  # [R, runs, 32]: 32 values fill exactly `bits` words
     out = torch.zeros(rows, padded // _WORD, bits, dtype=torch.int64, device=values.device)  # [R, runs, bits]
