@@ -87,8 +87,6 @@ def evaluate(
     from llmopt.evaluate.api import EvalArgs
     from llmopt.evaluate.api import evaluate as run_eval
     from llmopt.evaluate.report import finite, table
-    from llmopt.evaluate.utilization import line as utilization_line
-
     task_list = [t.strip() for item in (tasks or []) for t in item.split(",") if t.strip()] or None
     args = EvalArgs(model=list(model), baseline=baseline, data=data, split=split, text_field=text_field,
                     num_requests=num_requests, prompt_len=prompt_len, output_len=output_len, request_rate=request_rate,
@@ -107,35 +105,8 @@ def evaluate(
     d = finite(result.to_dict())
     out.print(table(d))  # fitted to a terminal; whole in a file or pipe (console.py)
     for r in d["results"]:
-        m, spec = r["memory"], r.get("speculative")
-        if m.get("kv_bytes_allocated") is not None:
-            formula, alloc = m["kv_bytes_formula"], m["kv_bytes_allocated"]
-            out.print(f"{r['model']}: KV at peak {m['kv_peak_tokens']} tokens: allocated {alloc:,} B, formula "
-                      f"{formula:,} B ({(alloc / formula - 1) * 100 if formula else 0:+.1f}%), block waste "
-                      f"{m['kv_waste_bytes']:,} B, preemptions {m['kv_preemptions']} ({m.get('kv_dtype')} KV)")
-        q = r["quality"]
-        if q.get("kv_kld_mean") is not None:
-            out.print(f"{r['model']}: {q['kv_dtype']} KV vs float KV over {q['kv_tokens']} teacher-forced tokens: KLD "
-                      f"mean {q['kv_kld_mean']:.3g} p99 {q['kv_kld_p99']:.3g}, top-1 {q['kv_top1']:.4f}, ppl "
-                      f"{q['kv_perplexity']:.3f} (float KV {q['kv_float_perplexity']:.3f})")
-        if spec:
-            out.print(f"{r['model']}: speculative k={spec['spec_tokens']} acceptance "
-                      f"{spec['acceptance_rate'] or 0:.3f}, {spec['tokens_per_step'] or 0:.2f} tokens/verify step")
-        sp = (r["perf"].get("spread") or {}).get("output_tokens_per_s")
-        if sp:
-            out.print(f"{r['model']}: output tok/s median {r['perf']['output_tokens_per_s']:.1f} over "
-                      f"{r['perf']['repeats']} runs (spread {sp[0]:.1f}–{sp[1]:.1f})")
-        u = r["perf"].get("utilization")
-        if u and u.get("cpu_percent"):
-            out.print(f"{r['model']}: utilisation over the timed runs ({u['samples']} samples every "
-                      f"{u['interval_s']} s): {utilization_line(u)}")
-        if r["quality"].get("tasks"):
-            out.print(f"{r['model']}: tasks {json.dumps(r['quality']['tasks'])}")
-        g = r["quality"].get("generation")
-        if g and g.get("refusal_flips") is not None and r["model"] != d["baseline"]:
-            out.print(f"{r['model']}: vs baseline on {g['prompts']} prompts × {g['samples_per_prompt']}: "
-                      f"{g['refusal_flips']} refusal and {g['answer_flips']} answer verdicts flipped, token F1 "
-                      f"{g['baseline_token_f1']:.3f} ({g['detector']})")
+        for line in _model_notes(r, d["baseline"]):
+            out.print(line)
     for label, path in (("json", json_out), ("csv", csv), ("plot", plot)):
         if path is not None:
             err.print(f"wrote {label}: {path}")
@@ -143,3 +114,41 @@ def evaluate(
         from llmopt.evaluate.report import sidecar
 
         err.print(f"wrote generations: {sidecar(json_out, 'generations')}, flips: {sidecar(json_out, 'flips')}")
+
+
+def _model_notes(r: dict, baseline: str | None) -> list[str]:
+    """The lines printed under the table for one model's result: KV memory and quality, speculation, spread,
+    utilisation, tasks, generation flips."""
+    from llmopt.evaluate.utilization import line as utilization_line
+
+    notes: list[str] = []
+    m, spec = r["memory"], r.get("speculative")
+    if m.get("kv_bytes_allocated") is not None:
+        formula, alloc = m["kv_bytes_formula"], m["kv_bytes_allocated"]
+        notes.append(f"{r['model']}: KV at peak {m['kv_peak_tokens']} tokens: allocated {alloc:,} B, formula "
+                  f"{formula:,} B ({(alloc / formula - 1) * 100 if formula else 0:+.1f}%), block waste "
+                  f"{m['kv_waste_bytes']:,} B, preemptions {m['kv_preemptions']} ({m.get('kv_dtype')} KV)")
+    q = r["quality"]
+    if q.get("kv_kld_mean") is not None:
+        notes.append(f"{r['model']}: {q['kv_dtype']} KV vs float KV over {q['kv_tokens']} teacher-forced tokens: KLD "
+                  f"mean {q['kv_kld_mean']:.3g} p99 {q['kv_kld_p99']:.3g}, top-1 {q['kv_top1']:.4f}, ppl "
+                  f"{q['kv_perplexity']:.3f} (float KV {q['kv_float_perplexity']:.3f})")
+    if spec:
+        notes.append(f"{r['model']}: speculative k={spec['spec_tokens']} acceptance "
+                  f"{spec['acceptance_rate'] or 0:.3f}, {spec['tokens_per_step'] or 0:.2f} tokens/verify step")
+    sp = (r["perf"].get("spread") or {}).get("output_tokens_per_s")
+    if sp:
+        notes.append(f"{r['model']}: output tok/s median {r['perf']['output_tokens_per_s']:.1f} over "
+                  f"{r['perf']['repeats']} runs (spread {sp[0]:.1f}–{sp[1]:.1f})")
+    u = r["perf"].get("utilization")
+    if u and u.get("cpu_percent"):
+        notes.append(f"{r['model']}: utilisation over the timed runs ({u['samples']} samples every "
+                  f"{u['interval_s']} s): {utilization_line(u)}")
+    if r["quality"].get("tasks"):
+        notes.append(f"{r['model']}: tasks {json.dumps(r['quality']['tasks'])}")
+    g = r["quality"].get("generation")
+    if g and g.get("refusal_flips") is not None and r["model"] != baseline:
+        notes.append(f"{r['model']}: vs baseline on {g['prompts']} prompts × {g['samples_per_prompt']}: "
+                  f"{g['refusal_flips']} refusal and {g['answer_flips']} answer verdicts flipped, token F1 "
+                  f"{g['baseline_token_f1']:.3f} ({g['detector']})")
+    return notes
