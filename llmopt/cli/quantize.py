@@ -135,5 +135,7 @@ def quantize(
                       f"{max(kv['v_scale']):.3g} over {len(kv['k_scale'])} layers → kv_cache_scheme + "
                       f"self_attn.k_scale/v_scale")
     console.print(phases_line(result))
-    console.print(memory_line(result))
+    memory = memory_line(result)
+    if memory is not None:
+        console.print(memory)
     console.print(f"wrote {result.out}")

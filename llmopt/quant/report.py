@@ -68,11 +68,13 @@ def phases_line(res: QuantizeResult) -> str:
     return "time: " + " · ".join(parts)
 
 
-def memory_line(res: QuantizeResult) -> str:
-    """How the model was loaded and the peak resident memory measured."""
+def memory_line(res: QuantizeResult) -> str | None:
+    """How the model was loaded and the peak resident memory measured (None: an external backend's run)."""
     from llmopt.memory import gb
 
     mem = res.memory
+    if not mem:
+        return None
     how = "streamed layer by layer from its shards" if mem["load"] == "stream" else "whole in memory"
     line = f"memory: {how} ({mem['reason']}); peak RSS {gb(mem['peak_rss_bytes'])}"
     if mem.get("peak_rss_vs_model") is not None:

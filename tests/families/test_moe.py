@@ -139,9 +139,9 @@ def starved_runs():
         hessians: list[tuple[int, torch.Tensor]] = []
         real = methods.gptq_quantize
 
-        def spy(w, h, args, _real=real, _log=hessians):
+        def spy(w, h, args, _real=real, _log=hessians, **kw):
             _log.append((w.shape[0], h.clone()))
-            return _real(w, h, args)
+            return _real(w, h, args, **kw)
 
         methods.gptq_quantize = spy
         try:

@@ -76,6 +76,10 @@ def test_every_method_quantizes_every_expert(moe_dirs, tmp_path_factory, family,
     down = "w2" if family == "mixtral" else "down_proj"
     assert f"model.layers.1.{block}.experts.3.{down}" in qweights  # the hub's per-expert layout
     meta = json.loads((out / "llmopt.json").read_text())
+    assert all(r not in qweights for r in meta["moe"]["float_routers"])
+    if method in ("rtn", "int8"):  # data-free: no calibration forward, so no routing counts
+        assert meta["moe"]["routing"] == {}
+        return
     routing = meta["moe"]["routing"]["layer 1"]
     counts = routing["blocks"]["mlp"]
     assert counts["tokens"] == 8 * 64 and sum(counts["routed_tokens"]) == 8 * 64 * routing["top_k"]

@@ -78,6 +78,7 @@ def test_recipe_on_real_steps_measures_gates_and_resumes(tiny_model_dir, tmp_pat
     quality = {"perplexity", "kld_mean", "kld_p99", "top1_agreement", *GENERATION_METRICS}
     # only with --price-per-hour; only with a lossy kv_dtype (tests/evaluate/test_kv_quality.py gates on those)
     optional = {"cost_per_1k_output_tokens", "kv_kld_mean", "kv_kld_p99", "kv_top1", "kv_perplexity"}
+    optional |= {m for m in METRICS if m.startswith("gpu_")}  # NVML utilisation: CUDA only
     for name in ("rtn4", "spec"):
         measured = {k for k, v in rows[name]["metrics"].items() if v is not None}
         expected = set(METRICS) - optional - ({"acceptance_rate", "tokens_per_step"} if name == "rtn4" else quality)
