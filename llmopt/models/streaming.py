@@ -11,6 +11,7 @@ of the model loaded whole, bit for bit.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,6 @@ class WeightStream:
 
     def load(self, prefix: str) -> None:
         """Fill every empty parameter of the module `prefix` (its own dtype; non-float tensors as stored)."""
-        import time
-
         t0 = time.perf_counter()
         module = self.model.get_submodule(prefix)
         for sub_name, sub in module.named_modules():

@@ -51,7 +51,7 @@ def calibrate(model: torch.nn.Module, input_ids: torch.Tensor, kind: str, device
     """Per-layer K/V scales over the calibration windows input_ids [N, L]: the float model's forwards, one decoder
     layer at a time on `device` (as the quantize pipeline walks it; None = where the model is), each layer's float
     outputs feeding the next."""
-    from llmopt.quant.walk import _layer_out, capture_inputs, decoder_layers
+    from llmopt.quant.walk import layer_out, capture_inputs, decoder_layers
 
     device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     amax: dict[int, list[float]] = {}
@@ -64,7 +64,7 @@ def calibrate(model: torch.nn.Module, input_ids: torch.Tensor, kind: str, device
         for layer in layers:
             at = next(layer.parameters()).device
             layer.to(device)
-            batches = [(_layer_out(layer(h, **kw)), kw) for h, kw in batches]
+            batches = [(layer_out(layer(h, **kw)), kw) for h, kw in batches]
             layer.to(at)
     for child in decoder.children():  # capture_inputs moved embeddings / rotary / norm to the device
         if child is not layers and home.get(id(child)) is not None:

@@ -21,6 +21,7 @@ from torch import nn
 from llmopt.errors import LlmoptError
 from llmopt.families import registry
 from llmopt.quant.reference import act_quant
+from llmopt.quant.walk import capture_inputs, layer_out
 
 
 @contextlib.contextmanager
@@ -46,10 +47,6 @@ def head_only(model: nn.Module):
         setattr(decoder, attr, layers)
 
 
-def _out(y):
-    return y[0] if isinstance(y, tuple) else y
-
-
 class StreamedEval:
     """Float and quantized hidden states of the eval windows, carried through the streamed walk."""
 
@@ -66,8 +63,6 @@ class StreamedEval:
     @torch.no_grad()
     def capture(self) -> None:
         """The first layer's inputs of the eval windows (the embeddings and small parts are loaded)."""
-        from llmopt.quant.walk import capture_inputs
-
         batches = capture_inputs(self.model, self.windows, self.batch_size, self.device)
         self.kwargs = [kw for _, kw in batches]
         self.float_h = [x for x, _ in batches]
@@ -77,7 +72,7 @@ class StreamedEval:
     def float_layer(self, layer: nn.Module) -> None:
         t0 = time.perf_counter()
         layer.to(self.device)
-        self.float_h = [_out(layer(x, **kw)) for x, kw in zip(self.float_h, self.kwargs, strict=True)]
+        self.float_h = [layer_out(layer(x, **kw)) for x, kw in zip(self.float_h, self.kwargs, strict=True)]
         self.seconds += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -85,7 +80,7 @@ class StreamedEval:
         t0 = time.perf_counter()
         layer.to(self.device)
         with act_quant(linears, self.act_bits):
-            self.quant_h = [_out(layer(x, **kw)) for x, kw in zip(self.quant_h, self.kwargs, strict=True)]
+            self.quant_h = [layer_out(layer(x, **kw)) for x, kw in zip(self.quant_h, self.kwargs, strict=True)]
         self.seconds += time.perf_counter() - t0
 
     def keep_head(self, which: str, head: nn.Linear) -> None:

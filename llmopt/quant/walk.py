@@ -135,7 +135,7 @@ def check_finite_weights(model) -> None:
             raise LlmoptError(f"weight {name} contains NaN or Inf: the checkpoint is corrupt; quantize a valid one")
 
 
-def _layer_out(out) -> torch.Tensor:
+def layer_out(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -407,7 +407,7 @@ def _quantize_layer(model, walk: _WalkPlan, index: int, layer: nn.Module, prefix
 
 def _layer_rtn_error(work: LayerWork, batches: list[Batch], float_out: list[torch.Tensor], method: Method) -> float:
     """Relative output error of the same layer with RTN weights on the check batches (the reference column)."""
-    pairs = [(lambda x=x, kw=kw: _layer_out(work.layer(x, **kw)), ref)
+    pairs = [(lambda x=x, kw=kw: layer_out(work.layer(x, **kw)), ref)
              for (x, kw), ref in zip(batches, float_out, strict=False)]
     return rtn_error(work.linears, method.qargs, method.act_bits, pairs)
 
@@ -457,11 +457,11 @@ def _statistics_pass(work: LayerWork, batches: list[Batch], method: Method, floa
     with input_hooks(collect, gather), moe.routing_calibration(layer, work.config) as routing:
         gathered.routing = routing
         for x, kw in batches[: work.n_check]:
-            gathered.float_out.append(_layer_out(layer(x, **kw)))
+            gathered.float_out.append(layer_out(layer(x, **kw)))
             _check_finite(gathered.float_out[-1], f"decoder layer {work.index}")
         if float_next:  # the next layer calibrates on this float layer's outputs (set once the checks are done)
             for x, kw in batches[work.n_check:]:
-                gathered.next_inputs.append(_layer_out(layer(x, **kw)))
+                gathered.next_inputs.append(layer_out(layer(x, **kw)))
                 _check_finite(gathered.next_inputs[-1], f"decoder layer {work.index}")
         elif collect and len(batches) > work.n_check:
             # past the checked batches only the collectors' inputs matter: stop the forward right after
@@ -493,7 +493,7 @@ def _quantized_pass(work: LayerWork, batches: list[Batch], method: Method, gathe
     n_check = work.n_check
     with act_quant(work.linears, method.act_bits):
         for b, (x, kw) in enumerate(batches[:n_check] if work.last or float_next else batches):
-            y = _layer_out(work.layer(x, **kw))
+            y = layer_out(work.layer(x, **kw))
             _check_finite(y, f"quantized decoder layer {work.index}")
             if b < n_check:
                 meter.add(y, gathered.float_out[b])
@@ -525,7 +525,7 @@ class SublayerStages:
             return False
         x, kw = batch
         stages = cls(layer)
-        ref = _layer_out(layer(x, **kw))
+        ref = layer_out(layer(x, **kw))
         h = x + layer.self_attn.o_proj(stages.o_input(x, kw))
         y = h + layer.mlp.down_proj(stages.down_input(h))
         return bool((y - ref).float().norm() <= 1e-3 * ref.float().norm())
@@ -594,7 +594,7 @@ def _staged_layer(work: LayerWork, batches: list[Batch], method: Method) -> Laye
     strategy runs the layer twice). Kept per batch between pieces: the attention output, h, and down_proj's
     input while it fits KEEP_MLP_BYTES (else recomputed)."""
     layer, n_check = work.layer, work.n_check
-    float_out = [_layer_out(layer(x, **kw)) for x, kw in batches[:n_check]]
+    float_out = [layer_out(layer(x, **kw)) for x, kw in batches[:n_check]]
     for y in float_out:
         _check_finite(y, f"decoder layer {work.index}")
     reference = _layer_rtn_error(work, batches, float_out, method)
