@@ -4,9 +4,11 @@ A random Llama of builtin:tiny's shape (4 layers, 8 heads / 2 kv heads of dim 32
 context, so decode can run at 2,048+ tokens of history without a trained long-context model (speed does not depend
 on the weights). B sequences are prefilled to CONTEXT tokens, then every format decodes the same STEPS greedy
 steps; the timed part is the decode steps only, medians over REPEATS runs, formats interleaved so drift of a shared
-machine hits all alike. Greedy tokens of each format are compared with float32 KV's. The row `float32 pool[tables]`
-is float32 KV read by the previous gather (advanced indexing, swapped in for that run only), beside today's
-index_select gather.
+machine hits all alike. Greedy tokens of each format are compared with float32 KV's. Every KV dtype reads the
+cache in place (the default on the CPU, model_runner.read_in_place); two more float32 rows read it the older ways,
+swapped in for their run only: `float32 gathered` copies every sequence's blocks into one padded batch
+(index_select) for one masked SDPA call, `float32 pool[tables]` is the engine's first gather (advanced indexing)
+that the in-place read replaced.
 
     python bench/kv_cache.py [--batch 16] [--context 2048] [--steps 16] [--repeats 3] [--threads 1]
 """
@@ -23,7 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from llmopt.engine import EngineConfig, LLMEngine, SamplingParams
-from llmopt.engine import attention
+from llmopt.engine import attention, model_runner
 from llmopt.engine.kv_format import fp8_dtype
 
 
@@ -36,18 +38,23 @@ def make_model(context: int):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-LEGACY = "float32 pool[tables]"
+GATHERED, LEGACY = "float32 gathered", "float32 pool[tables]"
 
 
 @contextlib.contextmanager
-def legacy_gather() -> Iterator[None]:
-    """The engine's gather before index_select: pool[tables] (advanced indexing)."""
-    saved = attention._blocks
-    attention._blocks = lambda pool, tables: pool[tables]  # [B, nb, bs, ...]
+def read_path(name: str) -> Iterator[None]:
+    """Decode through the gathered read for GATHERED, also with the first gather (pool[tables]) for LEGACY."""
+    if name not in (GATHERED, LEGACY):
+        yield
+        return
+    saved = model_runner.read_in_place, attention._blocks
+    model_runner.read_in_place = lambda device, contexts: False
+    if name == LEGACY:
+        attention._blocks = lambda pool, tables: pool[tables]  # [B, nb, bs, ...]
     try:
         yield
     finally:
-        attention._blocks = saved
+        model_runner.read_in_place, attention._blocks = saved
 
 
 def decode_run(model, prompts: list[list[int]], steps: int, kv_dtype: str) -> tuple[float, list[list[int]], int]:
@@ -79,12 +86,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated rows to run (default: all), e.g. 'float32 gathered,float32'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = make_model(max(4096, args.context + args.steps + 1))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, 1024, (args.context,), generator=g).tolist() for _ in range(args.batch)]
-    formats = [LEGACY, "float32", "bfloat16", "int8"] + (["fp8_e4m3"] if fp8_dtype() is not None else [])
+    formats = [LEGACY, GATHERED, "float32", "bfloat16", "int8"] + (["fp8_e4m3"] if fp8_dtype() is not None else [])
+    if args.rows:
+        formats = [f for f in formats if f in args.rows.split(",") or f == "float32"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {args.batch} × {args.context} "
           f"tokens of context, {args.steps} decode steps, median of {args.repeats}")
     rates: dict[str, list[float]] = {f: [] for f in formats}
@@ -92,8 +103,8 @@ def main() -> int:
     with torch.inference_mode():
         for _ in range(args.repeats):
             for f in formats:
-                with legacy_gather() if f == LEGACY else contextlib.nullcontext():
-                    r, outs[f], kv[f] = decode_run(model, prompts, args.steps, "float32" if f == LEGACY else f)
+                with read_path(f):
+                    r, outs[f], kv[f] = decode_run(model, prompts, args.steps, "float32" if "float32" in f else f)
                 rates[f].append(r)
     base = statistics.median(rates["float32"])
     print(f"{'kv dtype':20} {'decode tok/s':>12} {'vs float32':>10} {'KV bytes':>12} {'vs float32':>10} "

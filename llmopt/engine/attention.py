@@ -15,9 +15,15 @@ MLA (DeepSeek V2/V3): llmopt caches the decompressed per-head K (qk_nope + qk_ro
 (kv_lora_rank + qk_rope_head_dim, one "head") that vLLM and transformers 5's own cache keep: the
 latent is expanded inside the HF module, before the attention interface is called.
 
+Decode queries read the cache in place (`PagedKVCache.attend_in_place`): a sequence's visible keys are a few runs of
+consecutive pool slots (`KeyRun`), attended as views of the pool, so a step does not copy the history. Short
+histories in a large batch are cheaper gathered into one padded batch for one SDPA call (`PagedKVCache.read`);
+model_runner.read_in_place picks by a fixed rule. Chunks after the first and verification chunks gather their
+sequence's blocks.
+
 The cache stores K/V in the engine's --kv-dtype (kv_format.py): a float dtype, or 8-bit codes (int8, fp8_e4m3)
-with a float16 scale per (token, kv head) in scale pools beside the pages. New tokens are quantized as they are
-written; a step dequantizes only the blocks it gathers, into the query's dtype. A fresh prompt chunk attends to its
+with a scale per (token, kv head) in scale pools beside the pages. New tokens are quantized as they are
+written; a step converts only the slots it reads, into the query's dtype. A fresh prompt chunk attends to its
 own unstored K/V (as vLLM's prefill does); every query that reads the cache (decode, later chunks, verification)
 sees the stored values.
 
@@ -131,6 +137,52 @@ class PagedKVCache:
                 _gather_dequant(self.v[layer], self.v_scale[layer], tables, dtype, v_factor))
 
 
+    def attend_in_place(self, layer: int, q: torch.Tensor, runs: list[KeyRun], scale: float,
+                        softcap: float | None) -> torch.Tensor:
+        """One decode query q [H, Dk] over the keys `runs` name, read where they lie in the pools → [H, Dv].
+        Each run is a view of consecutive pool slots (no copy when the pool holds the query's dtype). For 8-bit
+        codes a run is converted once and its scales multiply the scores (K) and the probabilities (V), which are
+        Dk/G and Dv/G times smaller than the keys and values they stand for."""
+        kflat, vflat = _flat(self.k[layer]), _flat(self.v[layer])  # [N·bs, Hkv, Dk], [N·bs, Hkv, Dv]
+        hkv = kflat.shape[1]
+        qg = q.view(hkv, -1, q.shape[-1]) * scale  # [Hkv, G, Dk]
+        parts = []
+        for r in runs:
+            s = qg @ _run(kflat, r, q.dtype).permute(1, 2, 0)  # [Hkv, G, L]
+            parts.append(s.mul_(self._factors(0, layer, r, q.dtype)) if self.fmt.scaled else s)
+        scores = parts[0] if len(parts) == 1 else torch.cat(parts, -1)  # [Hkv, G, S]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = scores.softmax(-1)
+        out, offset = None, 0
+        for r in runs:
+            p = probs[..., offset:offset + r.length]  # [Hkv, G, L]
+            offset += r.length
+            if self.fmt.scaled:
+                p = p * self._factors(1, layer, r, q.dtype)
+            part = p @ _run(vflat, r, q.dtype).transpose(0, 1)  # [Hkv, G, Dv]
+            out = part if out is None else out.add_(part)
+        return out.view(q.shape[0], -1)  # [H, Dv]
+
+    def _factors(self, kv: int, layer: int, r: KeyRun, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantization multipliers [Hkv, 1, L] of run r's K (kv 0) or V (kv 1) codes in layer."""
+        stored = (self.k_scale, self.v_scale)[kv][layer]
+        factor = 1.0 if self.static is None else self.static[layer][kv]
+        sc = stored.view(-1, stored.shape[2])[r.slot:r.slot + r.length]  # [L, Hkv]
+        return scale_factors(sc, dtype, factor).t().unsqueeze(1)
+
+
+def _flat(pool: torch.Tensor) -> torch.Tensor:
+    """A pool [N, bs, Hkv, D] as flat slots [N·bs, Hkv, D] (a view)."""
+    return pool.view(-1, *pool.shape[2:])
+
+
+def _run(flat: torch.Tensor, r: KeyRun, dtype: torch.dtype) -> torch.Tensor:
+    """The slots of run r [L, Hkv, D] in dtype: a view of the pool, or one conversion of just these slots."""
+    x = flat[r.slot:r.slot + r.length]
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A 1-byte tensor's storage as uint8 (same shape), for copies torch lacks for its dtype (float8 on the CPU)."""
     return t.view(torch.uint8) if t.dtype != torch.int8 else t
@@ -149,6 +201,42 @@ class Segment:
     masks: dict[Window, torch.Tensor | None]
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRun:
+    """Keys of one sequence at consecutive positions that sit in consecutive pool slots (one block, or several
+    blocks the allocator handed out in a row)."""
+
+    slot: int  # flat slot (block · block_size + offset) of the first key
+    length: int
+
+
+def key_runs(table: list[int], block_size: int, first: int, last: int) -> list[KeyRun]:
+    """Where positions first..last (inclusive) of a sequence with positional block table `table` sit in the pool,
+    consecutive blocks merged: a sequence prefilled in one go is one run, plus one per block it grew by while
+    other sequences took the blocks after it."""
+    lo, hi = first // block_size, last // block_size
+    starts = [lo] + [i for i in range(lo + 1, hi + 1) if table[i] != table[i - 1] + 1]  # table index of each run
+    runs = []
+    for a, b in zip(starts, starts[1:] + [hi + 1]):  # table entries a..b-1, consecutive blocks
+        begin = max(first, a * block_size)
+        end = min(last + 1, b * block_size)
+        runs.append(KeyRun(table[a] * block_size + begin - a * block_size, end - begin))
+    return runs
+
+
+@dataclass(slots=True)
+class DecodeRows:
+    """The step's single-token decode queries: the first `count` packed tokens, one per sequence. They read the
+    cache one of two ways (model_runner.read_in_place picks): in place, each sequence's visible keys straight from
+    the pool slots its `runs` name (no copy of the history), or gathered, every sequence's blocks copied into one
+    padded [Bd, Hkv, S, D] batch for one masked SDPA call."""
+
+    count: int
+    runs: dict[Window, list[list[KeyRun]]] | None = None  # in place: per window, per sequence, its visible keys
+    tables: torch.Tensor | None = None  # gathered: [Bd, nb] long, padded (and freed blocks mapped) to block 0
+    masks: dict[Window, torch.Tensor] = field(default_factory=dict)  # gathered: [Bd, 1, 1, nb·bs] bool, True = attend
+
+
 @dataclass(slots=True)
 class StepContext:
     """Everything the attention function needs to know about one packed step."""
@@ -156,9 +244,7 @@ class StepContext:
     cache: PagedKVCache
     specs: list[LayerSpec]
     slot_mapping: torch.Tensor  # [T] long: where each new token's K/V goes (flat slot index)
-    num_decode: int  # the first num_decode tokens are single decode tokens of distinct sequences
-    decode_tables: torch.Tensor | None  # [Bd, nb] long, padded (and freed blocks mapped) to block 0
-    decode_masks: dict[Window, torch.Tensor]  # per window: [Bd, 1, 1, nb*block_size] bool, True = attend
+    decode: DecodeRows | None  # the leading single-token queries; None when the step has none
     segments: list[Segment] = field(default_factory=list)
 
 
@@ -278,11 +364,17 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
 
     t, h = query.shape[2], query.shape[1]
     out = query.new_empty(t, h, spec.v_head_dim)  # [T, H, Dv]
-    bd = ctx.num_decode
-    if bd:
-        q = query[0, :, :bd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, Dk]
-        k, v = cache.read(layer, ctx.decode_tables, q.dtype)  # [Bd, Hkv, S, Dk], [Bd, Hkv, S, Dv]
-        out[:bd] = _attend(q, k, v, ctx.decode_masks[spec.window], scaling, spec.softcap)[:, :, 0]
+    rows = ctx.decode
+    if rows is not None:
+        bd = rows.count
+        q = query[0, :, :bd].transpose(0, 1)  # [Bd, H, Dk]
+        if rows.runs is not None:
+            scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+            for i, runs in enumerate(rows.runs[spec.window]):
+                out[i] = cache.attend_in_place(layer, q[i], runs, scale, spec.softcap)
+        else:
+            k, v = cache.read(layer, rows.tables, q.dtype)  # [Bd, Hkv, S, Dk], [Bd, Hkv, S, Dv]
+            out[:bd] = _attend(q.unsqueeze(2), k, v, rows.masks[spec.window], scaling, spec.softcap)[:, :, 0]
     for seg in ctx.segments:
         s, n = seg.start, seg.length
         q = query[:, :, s:s + n]  # [1, H, L, Dk]

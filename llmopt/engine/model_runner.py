@@ -16,11 +16,13 @@ import torch
 from llmopt.engine.adapters import adapted, refuse
 from llmopt.engine.attention import (
     AttentionProbe,
+    DecodeRows,
     LayerSpec,
     PagedKVCache,
     Segment,
     StepContext,
     Window,
+    key_runs,
     register,
     step_context,
 )
@@ -101,6 +103,27 @@ def common_window(specs: list[LayerSpec]) -> int | None:
     return None if any(w is None for w in windows) else max(windows)
 
 
+# Decode reads the cache in place on the CPU for one sequence, or once a batch's mean context reaches this many
+# tokens: below it, one attention call per sequence costs more than copying the short histories into one padded
+# batch (measured with bench/kv_cache.py --rows "float32 gathered"; numbers in the README's KV-cache section).
+IN_PLACE_MIN_CONTEXT = 384
+
+
+def read_in_place(device: torch.device, contexts: list[int]) -> bool:
+    """Whether a decode batch with these context lengths reads its keys in place (KeyRuns, one matmul pair per
+    sequence) rather than gathered into one padded batch for one SDPA call. A rule, not a timing, so the path a
+    batch takes is the same on every run. On CUDA the gather + one SDPA launch stays (a per-sequence loop is
+    dominated by kernel launches there; not measured: no GPU run yet)."""
+    if device.type != "cpu":
+        return False
+    return len(contexts) == 1 or sum(contexts) >= IN_PLACE_MIN_CONTEXT * len(contexts)
+
+
+def _first_visible(pos: int, window: Window) -> int:
+    """The oldest key position a query at pos sees: keys j > pos − window."""
+    return 0 if window is None else max(0, pos - window + 1)
+
+
 def _gatherable(table: list[int]) -> list[int]:
     """A block table with FREED entries on block 0: their keys are outside every window, so masked."""
     return [0 if b == FREED else b for b in table]
@@ -135,44 +158,55 @@ class ModelRunner:
 
     def build(self, work: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
         """Pack the step: decode tokens first, then chunks. Returns input ids [T], positions [T], the
-        attention context, and for each work item the packed index of its first token. Leading FREED blocks
-        (out of every window) are left out of the gathered keys, so a long windowed sequence costs its window."""
-        bs = self.blocks.block_size
-        decode = [(s, n) for s, n in work if n == 1]
+        attention context, and for each work item the packed index of its first token."""
+        decode = [s for s, n in work if n == 1]
         chunks = [(s, n) for s, n in work if n > 1]
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         first: dict[int, int] = {}
-        for seq, n in decode + chunks:
-            toks = seq.tokens
+        for seq, n in [(s, 1) for s in decode] + chunks:
             start = seq.num_computed
             first[seq.id] = len(ids)
-            ids.extend(toks[start:start + n])
+            ids.extend(seq.token_slice(start, n))
             pos.extend(range(start, start + n))
             slots.extend(self.blocks.slot(seq, p) for p in range(start, start + n))
-        tables = None
-        masks: dict[Window, torch.Tensor] = {}
-        if decode:
-            lo = min(self.blocks.first_live(s) for s, _ in decode)  # leading blocks no decode query sees
-            nb = max(len(s.block_table) for s, _ in decode) - lo
-            tables = self._tensor([_gatherable(s.block_table[lo:]) + [0] * (nb + lo - len(s.block_table))
-                                   for s, _ in decode]).view(len(decode), nb)  # [Bd, nb]
-            qpos = self._tensor([s.num_computed for s, _ in decode])[:, None]  # [Bd, 1]
-            kpos = torch.arange(lo * bs, (lo + nb) * bs, device=self.device)[None]  # [1, S]
-            real = kpos <= qpos  # [Bd, S]
-            for w in self.windows:  # once per step and window, shared by all layers
-                masks[w] = (real if w is None else real & (kpos > qpos - w))[:, None, None]  # [Bd, 1, 1, S]
+        step = StepContext(self.cache, self.specs, self._tensor(slots), self.prepare_decode(decode) if decode else None,
+                           self.prepare_prefill(chunks, len(decode)))
+        return self._tensor(ids), self._tensor(pos), step, [first[s.id] for s, _ in work]
+
+    def prepare_decode(self, decode: list[Sequence]) -> DecodeRows:
+        """Where each decode query's visible keys are: runs of pool slots per window (read in place), or, where
+        read_in_place says gathering is faster, a padded block table and masks shared by every layer."""
+        bs = self.blocks.block_size
+        if read_in_place(self.device, [s.num_computed + 1 for s in decode]):
+            runs = {w: [key_runs(s.block_table, bs, _first_visible(s.num_computed, w), s.num_computed)
+                        for s in decode] for w in self.windows}
+            return DecodeRows(len(decode), runs=runs)
+        lo = min(self.blocks.first_live(s) for s in decode)  # leading blocks no decode query sees
+        nb = max(len(s.block_table) for s in decode) - lo
+        tables = self._tensor([_gatherable(s.block_table[lo:]) + [0] * (nb + lo - len(s.block_table))
+                               for s in decode]).view(len(decode), nb)  # [Bd, nb]
+        qpos = self._tensor([s.num_computed for s in decode])[:, None]  # [Bd, 1]
+        kpos = torch.arange(lo * bs, (lo + nb) * bs, device=self.device)[None]  # [1, S]
+        real = kpos <= qpos  # [Bd, S]
+        masks = {w: (real if w is None else real & (kpos > qpos - w))[:, None, None]  # [Bd, 1, 1, S]
+                 for w in self.windows}
+        return DecodeRows(len(decode), tables=tables, masks=masks)
+
+    def prepare_prefill(self, chunks: list[tuple[Sequence, int]], offset: int) -> list[Segment]:
+        """One Segment per prompt (or verification) chunk, packed after the `offset` decode tokens. A chunk
+        that starts at position 0 attends to its own new keys; a later one gathers its sequence's live blocks
+        (leading FREED blocks, out of every window, are left out, so a long windowed sequence costs its window)."""
+        bs = self.blocks.block_size
         segments = []
-        offset = len(decode)
         for seq, n in chunks:
             start = seq.num_computed
             first_key = self.blocks.first_live(seq) * bs
             table = self._tensor(_gatherable(seq.block_table[first_key // bs:])) if start else None
             segments.append(Segment(offset, n, start + n - first_key, table, self._segment_masks(first_key, start, n)))
             offset += n
-        step = StepContext(self.cache, self.specs, self._tensor(slots), len(decode), tables, masks, segments)
-        return self._tensor(ids), self._tensor(pos), step, [first[s.id] for s, _ in work]
+        return segments
 
     @torch.inference_mode()
     def forward(self, work: list[tuple[Sequence, int]], keep: list[int] | None = None) -> torch.Tensor:

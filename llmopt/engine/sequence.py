@@ -18,7 +18,7 @@ class Status(enum.Enum):
 
 @dataclass(slots=True)
 class Sequence:
-    """One request. `tokens` = prompt + generated; the first `num_computed` of them have KV in the cache."""
+    """One request: prompt + output tokens; the first `num_computed` of them have KV in the cache."""
 
     id: int
     prompt: list[int]
@@ -39,9 +39,15 @@ class Sequence:
         if not self.params.greedy:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """Tokens start..start+n-1 of prompt + output, without building that concatenation (a decode step
+        feeds one token; rebuilding prompt + output for it cost O(context) per token)."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.output[start - p:start - p + n]
+        if start + n <= p:
+            return self.prompt[start:start + n]
+        return self.prompt[start:] + self.output[:start + n - p]
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)

@@ -65,3 +65,13 @@ def prompts():
 @pytest.fixture(scope="session")
 def reference():
     return _reference
+
+
+@pytest.fixture(params=["gathered", "in place"])
+def read_path(request, monkeypatch):
+    """Run the test with every decode step reading the KV cache one way: gathered into a padded batch, or in place
+    (the rule in model_runner.read_in_place picks by context length; the tests' contexts are short)."""
+    from llmopt.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "read_in_place", lambda device, contexts: request.param == "in place")
+    return request.param

@@ -1,7 +1,8 @@
 """Every family of tests/families: the engine's greedy tokens equal `generate`'s in float64 (what it cannot serve
 is refused with a one-line error), including sliding windows shorter than the prompts, hybrid layer types,
 logit softcapping, MLA and Falcon's inline attention (served through its adapter) under chunked prefill,
-preemption and speculative decoding; out-of-window blocks go back to the pool."""
+preemption and speculative decoding, with decode reading the cache gathered and in place; out-of-window blocks go
+back to the pool."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def refs(m, reference, outs: list[int] = OUTS, ps: list[list[int]] | None = None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_batch_equals_generate(family, reference):
+def test_mixed_batch_equals_generate(family, reference, read_path):
     m = model(family)
     engine, outs = run(m)
     assert outs == refs(m, reference)
@@ -112,12 +113,12 @@ def check_preemption_and_chunked_prefill(m, reference, copies: int = 1) -> None:
 
 
 @pytest.mark.parametrize("family", SPECIAL)
-def test_preemption_and_chunked_prefill(family, reference):
+def test_preemption_and_chunked_prefill(family, reference, read_path):
     check_preemption_and_chunked_prefill(model(family), reference, 2 if family in ALL_SLIDING else 1)
 
 
 @pytest.mark.parametrize("variant", sorted(FALCON))
-def test_falcon_layouts_equal_generate(variant, reference):
+def test_falcon_layouts_equal_generate(variant, reference, read_path):
     m = falcon(variant)
     engine, outs = run(m)  # mixed batch, prefill chunks of 7
     assert outs == refs(m, reference)
@@ -160,7 +161,7 @@ def test_mla_caches_decompressed_k_and_v():
 
 
 @pytest.mark.parametrize("budget_blocks", [None, 12])
-def test_speculative_with_a_sliding_window_target(budget_blocks, reference):
+def test_speculative_with_a_sliding_window_target(budget_blocks, reference, read_path):
     target = model("mistral")
     draft = copy.deepcopy(target)
     draft.model.layers = draft.model.layers[:1]

@@ -62,7 +62,7 @@ def test_gather_dequant_equals_the_reference(kv, dim, dtype):
 
 
 @pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", *QUANTIZED])
-def test_greedy_tokens_and_teacher_forced_kld_vs_float64(kv, llama64, prompts, reference):
+def test_greedy_tokens_and_teacher_forced_kld_vs_float64(kv, llama64, prompts, reference, read_path):
     ps = prompts(LENGTHS)
     engine, outs = run(llama64, ps, OUTS, kv_dtype=kv)
     # this float64 model's greedy margins are wide enough that every KV format keeps every token
