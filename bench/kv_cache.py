@@ -10,7 +10,10 @@ swapped in for their run only: `float32 gathered` copies every sequence's blocks
 (index_select) for one masked SDPA call, `float32 pool[tables]` is the engine's first gather (advanced indexing)
 that the in-place read replaced.
 
-    python bench/kv_cache.py [--batch 16] [--context 2048] [--steps 16] [--repeats 3] [--threads 1]
+--llama100m swaps in bench/context_sweep.py's second shape (12 layers, 12 heads of dim 64, no GQA).
+
+    python bench/kv_cache.py [--batch 16] [--context 2048] [--steps 16] [--repeats 3] [--threads 1] [--llama100m]
+        [--rows "float32 gathered,int8"]
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ from llmopt.engine import attention, model_runner
 from llmopt.engine.kv_format import fp8_dtype
 
 
-def make_model(context: int):
+def make_model(context: int, llama100m: bool = False):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=context)
+    if llama100m:  # bench/context_sweep.py's second shape: 12 heads of dim 64, no GQA
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                          num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=context,
+                          tie_word_embeddings=True)
+    else:
+        cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=context)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -86,13 +94,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--llama100m", action="store_true",
+                    help="a random ~110M Llama (hidden 768, 12 layers, 12 heads of dim 64, vocab 32000) instead")
     ap.add_argument("--rows", default=None,
                     help="comma-separated rows to run (default: all), e.g. 'float32 gathered,float32'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = make_model(max(4096, args.context + args.steps + 1))
+    model = make_model(max(4096, args.context + args.steps + 1), args.llama100m)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(4, 1024, (args.context,), generator=g).tolist() for _ in range(args.batch)]
+    prompts = [torch.randint(4, model.config.vocab_size, (args.context,), generator=g).tolist()
+               for _ in range(args.batch)]
     formats = [LEGACY, GATHERED, "float32", "bfloat16", "int8"] + (["fp8_e4m3"] if fp8_dtype() is not None else [])
     if args.rows:
         formats = [f for f in formats if f in args.rows.split(",") or f == "float32"]

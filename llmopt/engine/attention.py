@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmopt.engine.kv_format import KVFormat, quantize, quantize_static, scale_factors
+from llmopt.engine.kv_format import KVFormat, codes_to, quantize, quantize_static, scale_factors
 
 ATTN_NAME = "llmopt_paged"
 
@@ -180,7 +180,7 @@ def _flat(pool: torch.Tensor) -> torch.Tensor:
 def _run(flat: torch.Tensor, r: KeyRun, dtype: torch.dtype) -> torch.Tensor:
     """The slots of run r [L, Hkv, D] in dtype: a view of the pool, or one conversion of just these slots."""
     x = flat[r.slot:r.slot + r.length]
-    return x if x.dtype == dtype else x.to(dtype)
+    return x if x.dtype == dtype else codes_to(x, dtype)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -271,8 +271,8 @@ def step_context(ctx: StepContext | AttentionProbe) -> Iterator[None]:
 
 def _blocks(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """Whole blocks of pool [N, bs, ...] picked by tables [B, nb] → [B, nb, bs, ...], one copy. index_select over
-    flat block rows, not pool[tables]: at B 16 × 2,048 tokens (1 thread) it copies float32 K in 0.64 ms instead of
-    0.93, int8 codes in 0.17 ms instead of 1.21. float8 has no CPU index_select: its bytes are copied."""
+    flat block rows, not pool[tables] (advanced indexing, several times slower for 1-byte codes; bench/kv_cache.py
+    keeps it as a row). float8 has no CPU index_select: its bytes are copied."""
     b, nb = tables.shape
     src = _bytes(pool) if pool.element_size() == 1 else pool
     picked = torch.index_select(src.view(pool.shape[0], -1), 0, tables.reshape(-1))  # [B·nb, bs·...]
@@ -293,8 +293,7 @@ def _gather_dequant(codes: torch.Tensor, scales: torch.Tensor, tables: torch.Ten
     converted, never the whole pool."""
     b, nb = tables.shape
     picked = _blocks(codes, tables)  # [B, nb, bs, Hkv, D]
-    x = torch.empty(picked.shape, dtype=dtype, device=codes.device)
-    x.copy_(picked)  # one conversion pass, then an in-place scale: 2.2× faster than codes.to(dtype) * scales
+    x = codes_to(picked, dtype)  # one conversion pass, then an in-place scale (no third tensor)
     x.mul_(scale_factors(_blocks(scales, tables), dtype, factor).unsqueeze(-1))  # [B, nb, bs, Hkv, 1] over D
     return x.view(b, nb * codes.shape[1], codes.shape[2], codes.shape[3]).transpose(1, 2)
 

@@ -61,6 +61,18 @@ def test_gather_dequant_equals_the_reference(kv, dim, dtype):
     assert torch.equal(_gather_dequant(codes, scale, tables, dtype), want)
 
 
+@pytest.mark.skipif(fp8_dtype() is None, reason="this torch has no float8_e4m3fn")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_codes_convert_exactly(dtype):
+    from llmopt.engine.kv_format import codes_to
+
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8_dtype()).view(16, 16)  # every e4m3fn bit pattern
+    want = codes.to(dtype)  # torch's own cast
+    got = codes_to(codes, dtype)
+    real = ~want.isnan()
+    assert got.dtype == dtype and torch.equal(got[real], want[real]) and real.sum() == 254
+
+
 @pytest.mark.parametrize("kv", ["float32", "float16", "bfloat16", *QUANTIZED])
 def test_greedy_tokens_and_teacher_forced_kld_vs_float64(kv, llama64, prompts, reference, read_path):
     ps = prompts(LENGTHS)
