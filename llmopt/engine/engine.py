@@ -133,7 +133,11 @@ class LLMEngine:
         if total > self.max_context:
             raise LlmoptError(f"a request of {prompt_len} prompt + {max_tokens} output tokens exceeds the model's "
                               f"maximum context of {self.max_context}: shorten --prompt-len/--output-len")
-        need = blocks_for(total - 1, self.blocks.block_size)
+        bs, window = self.blocks.block_size, self.blocks.window
+        need = blocks_for(total - 1, bs)
+        if window is not None:  # blocks leave the window: live are at most window − 1 keys + one step's tokens,
+            # from a block boundary (the block manager frees whole blocks)
+            need = min(need, blocks_for(window + self.config.max_prefill_tokens + bs - 2, bs))
         if need > self.blocks.stats.num_blocks:
             have = self.blocks.stats.num_blocks * self.cache.bytes_per_block
             raise LlmoptError(f"KV budget too small for one request: {total} tokens need {need} blocks, the budget "

@@ -148,6 +148,20 @@ def test_out_of_window_blocks_are_freed(reference):
     assert engine.blocks.num_free == engine.blocks.stats.num_blocks
 
 
+def test_a_request_longer_than_the_budget_runs_when_every_layer_slides(reference):
+    """Window 8, blocks of 4, chunks of 7: at most blocks_for(8 + 7 + 4 − 2) = 5 blocks are ever live, so a budget
+    of 5 blocks serves 17 + 60 tokens (19 blocks without the window); without a window the same budget refuses."""
+    windowed, full = model("mistral"), model("mistral", sliding_window=None)
+    ps, outs = [prompts()[1]], [60]
+    per_block = LLMEngine(windowed, EngineConfig(kv_budget=10 ** 8, block_size=4)).cache.bytes_per_block
+    engine, got = run(windowed, outs, ps, kv_budget=5 * per_block)
+    assert engine.blocks.stats.num_blocks == 5 and got == refs(windowed, reference, outs, ps)
+    with pytest.raises(LlmoptError, match="KV budget too small for one request"):
+        run(full, outs, ps, kv_budget=5 * per_block)
+    with pytest.raises(LlmoptError, match="KV budget too small for one request"):
+        run(windowed, outs, ps, kv_budget=4 * per_block)
+
+
 def test_hybrid_layers_keep_every_block():
     engine = LLMEngine(model("gemma3_text"), EngineConfig(kv_budget=10 ** 8))
     assert engine.blocks.window is None  # its full-attention layers see every position
