@@ -32,7 +32,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
     """Build the test-sized builtin model once; returns its BuildReport."""
-    from llmopt.models.builtin import build, small_recipe
+    from llmopt.models.builtin import build
+    from tests.helpers.builtin_recipes import small_recipe
 
     out = tmp_path_factory.mktemp("models") / "tiny-test"
     return build("test-tiny", out=out, recipe=small_recipe())

@@ -86,7 +86,7 @@ def evaluate(
     from llmopt.cli.progress import bars
     from llmopt.evaluate.api import EvalArgs
     from llmopt.evaluate.api import evaluate as run_eval
-    from llmopt.evaluate.report import finite, table
+    from llmopt.evaluate.outputs import finite, table
     task_list = [t.strip() for item in (tasks or []) for t in item.split(",") if t.strip()] or None
     args = EvalArgs(model=list(model), baseline=baseline, data=data, split=split, text_field=text_field,
                     num_requests=num_requests, prompt_len=prompt_len, output_len=output_len, request_rate=request_rate,
@@ -111,7 +111,7 @@ def evaluate(
         if path is not None:
             err.print(f"wrote {label}: {path}")
     if json_out is not None and result.generations:
-        from llmopt.evaluate.report import sidecar
+        from llmopt.evaluate.outputs import sidecar
 
         err.print(f"wrote generations: {sidecar(json_out, 'generations')}, flips: {sidecar(json_out, 'flips')}")
 

@@ -116,7 +116,7 @@ def quantize(
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
-    from llmopt.quant.report import kinds_table, layer_table, memory_line, moe_table, phases_line, summary_table
+    from llmopt.quant.console import kinds_table, layer_table, memory_line, moe_table, phases_line, summary_table
 
     table = layer_table(result)
     if table is not None:

@@ -24,7 +24,7 @@ from llmopt.progress import Progress
 def evaluate(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     """Evaluate every model of args (baseline first when it is not among them); write the report files."""
     from llmopt.evaluate.eval_loop import EvalRunner
-    from llmopt.evaluate.report import write_reports
+    from llmopt.evaluate.outputs import write_reports
 
     for path in (args.json, args.csv, args.plot):
         if path is None:

@@ -1,4 +1,5 @@
-"""The eval report as a rich table, JSON, CSV and a PNG plot of quality against throughput (Pareto front)."""
+"""What an eval result is written as: the rich table, JSON, CSV and a PNG plot of quality against throughput
+(Pareto front)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -228,9 +228,3 @@ def ensure_built(name: str, progress: Progress | None = None) -> Path:
         build(name, progress=progress)
     return builtin_dir(name)
 
-
-def small_recipe(**overrides) -> TinyRecipe:
-    """A tiny-tiny variant for tests: builds in seconds, still learns."""
-    base = TinyRecipe(name="test-tiny", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
-                      num_heads=4, num_kv_heads=2, seq_len=64, batch_size=16, steps=100, lr=1e-2, warmup=5)
-    return replace(base, **overrides)

@@ -1,4 +1,5 @@
-"""Rich tables for a QuantizeResult: quantized vs float quality, sizes, time, and the per-layer check."""
+"""What `llmopt quantize` prints, as rich tables and lines of a QuantizeResult: quantized vs float quality, sizes,
+time, and the per-layer check."""
 
 from __future__ import annotations
 

@@ -200,8 +200,8 @@ def render_plan(recipe: Recipe, done: dict[str, bool], console: Console) -> None
 
 def plot(table: list[dict], path: Path, title: str = "") -> bool:
     """Quality (KLD if measured, else perplexity) against output tokens/s, the Pareto front marked (the one plot,
-    llmopt.evaluate.report); False when fewer than two steps have both figures."""
-    from llmopt.evaluate.report import PlotPoint, plot_quality_vs_throughput
+    llmopt.evaluate.outputs); False when fewer than two steps have both figures."""
+    from llmopt.evaluate.outputs import PlotPoint, plot_quality_vs_throughput
 
     quality = "kld_mean" if sum(r.get("kld_mean") is not None for r in table) >= 2 else "perplexity"
     points = [PlotPoint(float(r["output_tokens_per_s"]), float(r[quality]), str(r["name"])) for r in table

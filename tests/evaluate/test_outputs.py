@@ -1,7 +1,8 @@
+import csv
 import json
 
 from llmopt.evaluate.api import EvalResult, ModelReport
-from llmopt.evaluate.report import GENERATION_METRICS, finite, pareto_front, sidecar, table, to_csv, write_reports
+from llmopt.evaluate.outputs import GENERATION_METRICS, finite, pareto_front, sidecar, table, to_csv, write_reports
 
 
 def _report(name, ppl, kld, tps):
@@ -19,14 +20,25 @@ def test_pareto_front():
 
 
 def test_outputs(tmp_path):
+    """Each file carries the models' numbers: the JSON as given, one CSV row per model with the flattened names,
+    the table's cells formatted (sizes in units, Δppl against the baseline "a")."""
     res = EvalResult([_report("a", 10.0, 0.0, 100.0), _report("b", 11.0, 0.02, 150.0)], {"seed": 0}, "a")
     write_reports(res, tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png")
     d = json.loads((tmp_path / "r.json").read_text())
-    assert [r["model"] for r in d["results"]] == ["a", "b"]
-    csv = (tmp_path / "r.csv").read_text().splitlines()
-    assert csv[0].startswith("model,method,perplexity") and "ttft_p99_ms" in csv[0] and len(csv) == 3
+    assert [r["model"] for r in d["results"]] == ["a", "b"] and d["baseline"] == "a"
+    assert d["results"][1]["quality"]["perplexity"] == 11.0 and d["results"][1]["perf"]["ttft_ms"]["p99"] == 3.0
+    rows = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
+    assert [r["model"] for r in rows] == ["a", "b"]
+    assert {k: rows[1][k] for k in ("perplexity", "kld_mean", "output_tokens_per_s", "total_tokens_per_s",
+                                    "ttft_p95_ms", "e2el_p99_ms", "kv_waste_bytes", "cost_per_1k_output_tokens")} == {
+        "perplexity": "11.0", "kld_mean": "0.02", "output_tokens_per_s": "150.0", "total_tokens_per_s": "450.0",
+        "ttft_p95_ms": "2.0", "e2el_p99_ms": "3.0", "kv_waste_bytes": "10", "cost_per_1k_output_tokens": ""}
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
-    assert table(d).row_count == 2
+    t = table(d)
+    cells = {c.header: list(c.cells) for c in t.columns}
+    assert cells["model"] == ["a", "b"] and cells["Δppl"] == ["+0.00%", "+10.00%"]
+    assert cells["size"] == ["1000 B", "1000 B"] and cells["KLD"] == ["0", "0.02"]
+    assert cells["TTFT ms p50/p95/p99"] == ["1.0 / 2.0 / 3.0"] * 2 and cells["tok/s"] == ["100.0", "150.0"]
     assert not list(tmp_path.glob(".*"))  # no temp files left
 
 

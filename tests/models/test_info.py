@@ -33,23 +33,32 @@ def test_kv_formula_matches_dynamic_cache(tiny_qwen2_dir):
 
 
 def test_info_json(tiny_model_dir):
+    """Counted by hand from the test recipe (tests/helpers/builtin_recipes.py): vocab 512, hidden 128, MLP 256,
+    2 layers, 4 heads of 32 over 2 kv heads, untied head."""
     r = CliRunner().invoke(app, ["models", "info", str(tiny_model_dir), "--context", "2048", "--batch", "4", "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.output)
-    lm = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
-    params = sum(p.numel() for p in lm.model.parameters())
-    assert info["params"] == params and info["weight_bytes"] == params * 4
-    layers, _, kv_heads, head_dim = attention_shape(lm.config)
-    assert info["kv_bytes_per_token"] == 2 * layers * kv_heads * head_dim * 4
-    assert info["kv_bytes"] == info["kv_bytes_per_token"] * 2048 * 4
+    attn = 128 * 128 + 2 * 128 * (2 * 32) + 128 * 128  # q, k and v (2 kv heads · 32), o
+    layer = attn + 3 * 128 * 256 + 2 * 128  # gate, up, down; two RMSNorms
+    params = 2 * 512 * 128 + 2 * layer + 128  # embeddings + lm_head, layers, final norm
+    assert info["params"] == params == 426_624 and info["weight_bytes"] == params * 4
+    assert info["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4 == 1024  # layers · (K + V) · kv heads · head dim · fp32
+    assert info["kv_bytes"] == 1024 * 2048 * 4  # · context · batch
 
 
 def test_info_table_and_bad_context(tiny_model_dir):
     runner = CliRunner()
     r = runner.invoke(app, ["models", "info", str(tiny_model_dir), "--dtype", "bfloat16"])
-    assert r.exit_code == 0 and "KV bytes" in r.output and "bfloat16" in r.output
+    assert r.exit_code == 0, r.output
+    lines = [line.strip("│ ") for line in r.output.splitlines() if line.count("│") == 3]
+    rows = dict(tuple(c.strip() for c in line.split("│")) for line in lines)
+    # the same hand count as test_info_json, in 2-byte elements, default context 4096
+    assert rows["parameters"] == "426,624" and rows["dtype"] == "bfloat16"
+    assert rows["weight bytes"] == "833.25 KiB (853,248 B)"
+    assert rows["KV bytes / token"] == "512 B" and rows["full-attention layers"] == "2 × 256 B / token"
+    assert rows["KV bytes (1 × 4096 tokens)"] == "2.00 MiB (2,097,152 B)"
     r = runner.invoke(app, ["models", "info", str(tiny_model_dir), "--context", "0"])
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and "--context and --batch must be positive" in r.output
 
 
 def _family(name: str, **kw):

@@ -12,8 +12,15 @@ pytestmark = pytest.mark.gpu
 N, K = 256, 512
 
 
+# the kernels each module offers on CUDA: int4pack for 4-bit groups, only the dequant paths for 8-bit weight-only
+# (int8pack is CPU-only), torch._int_mm next to the reference for W8A8
+DEQUANT = {"dequant", "dequant-bf16"}
+KERNELS = {(4, 128, None): DEQUANT | {"int4pack"}, (4, 64, None): DEQUANT | {"int4pack"}, (8, -1, None): DEQUANT,
+           (8, -1, 8): {"dequant", "int_mm"}}
+
+
 @pytest.mark.parametrize("m", [1, 64])
-@pytest.mark.parametrize("bits,gs,act", [(4, 128, None), (4, 64, None), (8, -1, None), (8, -1, 8)])
+@pytest.mark.parametrize("bits,gs,act", list(KERNELS))
 def test_cuda_kernels_match_float64(m, bits, gs, act):
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -27,8 +34,7 @@ def test_cuda_kernels_match_float64(m, bits, gs, act):
         xr = (torch.round(torch.clamp(xr.float() / s, -128, 127)) * s).double()
     ref = xr @ qw.dequantize(torch.float64).t() + bias.double()
     names = list(module.kernels())
-    assert ("int4pack" in names) if bits == 4 else True
-    assert ("int_mm" in names) if act else True
+    assert set(names) == KERNELS[bits, gs, act]
     for name in names:
         module.force_kernel = name
         y = module(x).double().cpu()
