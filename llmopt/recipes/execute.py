@@ -4,7 +4,8 @@ Each step writes OUTPUTS/STEP/: `attempt.json` when it starts, its artifacts (th
 `step.json` last — the resolved config, the hash of config + inputs, the timing and the result. A step is done
 when its step.json holds the hash the plan computes now, so after a crash or kill -9 a re-run skips finished
 steps and re-does the interrupted one (from its own checkpoint when its kind can resume). A step's hash covers
-its kind, its resolved options, the hashes of the steps it reads, the size and mtime of local files it names,
+its kind, its resolved options, the hashes of the steps it reads, the local files it names (the bytes of files up
+to 16 MiB, such as a --prompts set; size and mtime of larger ones),
 and the llmopt version, so changing one step (or --set) re-runs it and everything downstream, nothing else.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import shutil
 import time
@@ -253,14 +255,25 @@ def _fingerprints(config: dict, outputs: Path) -> dict[str, list]:
             if not p.exists() or p.resolve().is_relative_to(outputs):
                 continue
             if p.is_file():
-                st = p.stat()
-                found[value] = [[p.name, st.st_size, st.st_mtime_ns]]
+                found[value] = [[p.name, *_fingerprint(p)]]
             elif p.is_dir():
-                found[value] = sorted([str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns]
+                found[value] = sorted([str(f.relative_to(p)), *_fingerprint(f)]
                                       for f in p.rglob("*") if f.is_file() and not f.resolve().is_relative_to(outputs))
         except OSError:
             continue
     return found
+
+
+_CONTENT_HASH_MAX = 16 << 20  # files up to this size are hashed by content (prompt sets, data files), larger
+#                               ones (weights) by size and mtime, which a re-download or edit changes
+
+
+def _fingerprint(f: Path) -> list:
+    """[size, sha256 of the bytes] for a small file, [size, mtime_ns] for a large one."""
+    st = f.stat()
+    if st.st_size <= _CONTENT_HASH_MAX:
+        return [st.st_size, hashlib.sha256(f.read_bytes()).hexdigest()]
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _strings(value: Any) -> list[str]:
