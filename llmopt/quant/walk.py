@@ -267,6 +267,14 @@ class _WalkPlan:
     device: torch.device
 
 
+def targeted_head(model, is_target: Callable[[str], bool]) -> tuple[nn.Module | None, str | None]:
+    """The output head and its module name when the targets name it (lm_head is quantized only when named),
+    else (None, None)."""
+    head = model.get_output_embeddings()
+    name = next((nm for nm, m in model.named_modules() if m is head), None)
+    return (head, name) if name is not None and is_target(name) else (None, None)
+
+
 def _plan_walk(model, input_ids: torch.Tensor, method_name: str, qargs: QuantArgs, is_target: Callable[[str], bool],
                device: torch.device, batch_size: int, staged: bool | None,
                calib_dtype: torch.dtype | None, source: PartSource | None) -> _WalkPlan:
@@ -280,12 +288,9 @@ def _plan_walk(model, input_ids: torch.Tensor, method_name: str, qargs: QuantArg
     if source is not None:
         source.after_capture()
     n_check = max(1, math.ceil(min(n, max(1, CHECK_TOKENS // seq_len)) / batch_size))  # batches checked
-    head = model.get_output_embeddings()
-    head_name = next((nm for nm, m in model.named_modules() if m is head), None)
-    quant_head = head_name is not None and is_target(head_name)
+    head, head_name = targeted_head(model, is_target)
     use_staged = staged is not False and registry.family(model.config) is not None and method.sequential_within_layer
-    return _WalkPlan(method, batches, n_check, head if quant_head else None, head_name if quant_head else None,
-                     use_staged, calib_dtype, device)
+    return _WalkPlan(method, batches, n_check, head, head_name, use_staged, calib_dtype, device)
 
 
 @torch.no_grad()
@@ -343,10 +348,9 @@ def quantize_data_free(model, method: str, qargs: QuantArgs, is_target: Callable
     t_start = time.perf_counter()
     _, layers, prefix = decoder_layers(model)
     quantizer = METHODS[method](qargs, 0)
-    head = model.get_output_embeddings()
-    head_name = next((nm for nm, m in model.named_modules() if m is head), None)
+    head, head_name = targeted_head(model, is_target)
     parts = [(f"{prefix}.{i}", f"layer {i}") for i in range(len(layers))]
-    if head_name is not None and is_target(head_name):
+    if head_name is not None:
         parts.append((head_name, head_name))
     if source is not None:  # nothing to capture, but the source writes the embeddings (and evaluates) here
         source.before_capture()
