@@ -6,7 +6,7 @@ W8A16 per channel, W8A8 dynamic), loaded back through llmopt.runtime.load_quanti
 interleaved rounds against the fp32 (and bf16) model:
 - decode: batch-1 greedy steps with a KV cache after a prompt; tokens/s = 1 / median step time
 - prefill: one forward over the prompt; tokens/s = prompt length / median time
-Every variant gets a warm-up first (which also runs the kernel autotuning). Ratios are of medians.
+Every variant gets a warm-up first. Ratios are of medians.
 
 A `+head` variant also quantizes lm_head (llmopt quantize leaves it float unless --targets names it): at
 batch-1 decode a float lm_head over a 32k vocabulary is a fixed cost the quantized layers cannot shrink.
@@ -132,7 +132,7 @@ def main() -> None:
             gc.collect()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=g)
-    for m in models.values():  # warm-up: allocations, oneDNN primitives, kernel autotuning for M=1 and M=prompt
+    for m in models.values():  # warm-up: allocations, oneDNN primitives for M=1 and M=prompt
         measure(m, prompt, 4)
     results: dict[str, dict[str, list[float]]] = {v: {"prefill": [], "decode": []} for v in models}
     for _ in range(args.rounds):

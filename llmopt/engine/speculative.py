@@ -45,30 +45,39 @@ class SpecStats:
 
 
 def accept(target_probs: torch.Tensor, draft_probs: torch.Tensor | None, proposals: list[int],
-           greedy: bool, generator: torch.Generator | None) -> list[int]:
+           greedy: bool, generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> list[int]:
     """Pure acceptance rule. target_probs [k+1, V] (or logits when greedy), draft_probs [k, V]
-    → the tokens to append (accepted proposals, then one token from the target)."""
+    → the tokens to append (accepted proposals, then one token from the target).
+
+    uniforms [k] in [0, 1): the acceptance draws, one per proposal; None draws them from `generator` in one
+    call (tests pass fixed ones). Sampled requests read the device once: one copy of the accepted count and
+    the distribution of the token after it.
+    """
     if greedy:
         best = target_probs.argmax(-1).tolist()  # [k+1]
         j = 0
         while j < len(proposals) and proposals[j] == best[j]:
             j += 1
         return proposals[:j] + [best[j]]
-    # The requests' generators live on the CPU: sample there (and in float64, so tiny ratios stay exact).
-    target_probs, draft_probs = target_probs.double().cpu(), draft_probs.double().cpu()
-    out: list[int] = []
-    for i, d in enumerate(proposals):
-        p, q = target_probs[i], draft_probs[i]
-        u = torch.rand((), generator=generator).item()
-        if u * q[d].item() <= p[d].item():  # u < p/q without dividing by a zero q
-            out.append(d)
-            continue
-        residual = (p - q).clamp_min(0)
-        residual = residual / residual.sum() if residual.sum() > 0 else p
-        out.append(int(torch.multinomial(residual, 1, generator=generator).item()))
-        return out
-    out.append(int(torch.multinomial(target_probs[len(proposals)], 1, generator=generator).item()))
-    return out
+    k, dev = len(proposals), target_probs.device
+    # The requests' generators live on the CPU: the uniforms are drawn there; float64 keeps tiny ratios exact.
+    if uniforms is None:
+        uniforms = torch.rand(k, generator=generator, dtype=torch.float64)
+    host_in = torch.stack([uniforms.double(), torch.tensor(proposals, dtype=torch.float64)])  # [2, k]
+    u, d = host_in.to(dev).unbind(0)  # [k], [k]: one copy in
+    d = d.long()
+    p = target_probs.double()  # [k+1, V]
+    # a zero draft row after the k real ones: the "residual" at k (every proposal accepted) is p[k] itself
+    q = torch.cat([draft_probs.double(), p.new_zeros(1, p.shape[1])])  # [k+1, V]
+    rows = torch.arange(k, device=dev)
+    ok = u * q[rows, d] <= p[rows, d]  # [k]: u < p/q without dividing by a zero q
+    j = ok.long().cumprod(0).sum().view(1)  # [1]: accepted prefix = index of the first rejection (or k)
+    p_j, q_j = p.index_select(0, j)[0], q.index_select(0, j)[0]  # [V] each
+    residual = (p_j - q_j).clamp_min(0)  # [V]; multinomial normalizes it
+    weights = torch.where(residual.sum() > 0, residual, p_j)  # rounding can leave no residual mass: fall back to p
+    host = torch.cat([j.double(), weights]).cpu()  # [1 + V]: one copy out
+    n = int(host[0])
+    return proposals[:n] + [int(torch.multinomial(host[1:], 1, generator=generator))]
 
 
 class Speculator:
@@ -176,7 +185,7 @@ class Speculator:
             self.blocks.truncate(mirror, mirror.num_computed)
             seqs.append(seq)
             news.append(new)
-        t = self.engine.now()  # after acceptance, whose .tolist() calls wait for the device
+        t = self.engine.now()  # after acceptance, whose copies to the host wait for the device
         return self.engine.append_tokens(seqs, news, t)
 
 

@@ -89,7 +89,7 @@ def kernel_report(model: torch.nn.Module) -> list[tuple[str, str]]:
 
 
 def set_kernel(model: torch.nn.Module, kernel: str | None) -> None:
-    """Pin every quantized layer to `kernel` (None: back to per-shape autotuning)."""
+    """Pin every quantized layer to `kernel` (None: back to the per-shape rule)."""
     for _, m in quant_modules(model):
         m.force_kernel = kernel
 

@@ -1,17 +1,23 @@
 """Quantized Linear modules: each holds its weight in kernel layouts and picks a kernel per shape and
-phase (decode's small M vs prefill's large M) by timing the candidates the first time a shape is seen.
+phase (decode's small M vs prefill's large M) by a fixed rule, `_RULES`, measured with bench/kernel_choice.py.
 
-The choice is cached per (module kind, device, N, K, group size, M bucket) and shared by all layers of
-that shape, so a model pays for autotuning once per distinct shape and M bucket. `force_kernel`
-(or LLMOPT_KERNEL) pins a kernel, which the tests use to check every path against float64.
+A rule rather than timing at the first forward: a timed choice and the first request's latency depend on
+machine noise, so two runs of the same model could run different kernels. LLMOPT_KERNEL_TUNE=1 opts into
+timing instead, once per machine and shape: the winner is stored in $LLMOPT_HOME/kernels.json (keyed by torch
+version, device name, threads, kind, N, K, group size, bits and M bucket) and read back by later processes.
+`force_kernel` (or LLMOPT_KERNEL) pins a kernel, which the tests use to check every path against float64.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -19,13 +25,90 @@ from llmopt.errors import LlmoptError
 from llmopt.checkpoint.formats.packing import pack_nibbles, unpack_nibbles
 from llmopt.checkpoint.types import QuantizedWeight
 from llmopt.runtime import kernels as K
+from llmopt.utils import fast_bf16, llmopt_home, write_json
 
-_CHOICES: dict[tuple, str] = {}  # autotune cache shared by every layer
-_TIMING_REPEATS = 3
+ANY_M = 1 << 62
+
+# Per (kind, device class): (largest M bucket, kernel) rows tried in order; the first row whose bound holds and
+# whose kernel the module has wins, else the module's first non-reference kernel. The device class is "cuda",
+# "cpu" (fast bf16 matmuls: AVX512-BF16/AMX, utils.fast_bf16) or "cpu-slow-bf16".
+# CPU rows: bench/kernel_choice.py, torch 2.13 on a 2-core Xeon with AMX, 1 and 2 threads, N×K 2048×2048 and
+# 5632×2048, int4 g32/g128 and int8 per channel, medians of interleaved calls. The low-bit kernels cost ∝ M while
+# dequant-bf16 is a fixed dequantize plus an AMX GEMM that barely grows, so the crossover is in M, not the
+# shape. int4pack won every M ≤ 64 but one (2-5× at M = 32-64); at 128 it won half the cases by 1.7-2.3× and
+# lost the others by ≤ 12%; at 256 dequant-bf16 won 9 of 14 (losing by ≤ 20%), at 512 all (2-3×). int8pack won
+# 6 of 7 at M = 64, half at 128, none of 7 at 256 (dequant-bf16 1.05-4× faster there).
+# With oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, which fast_bf16 reports as slow) dequant-bf16 grew
+# 15 ms → 210 ms from M=1 to 256 and the low-bit kernels won at every M up to 256 (3-6×).
+# CUDA rows are not measured (no GPU here): tinygemm int4pack is built for small batches and cuBLAS bf16 for
+# large ones, so the same split; W8A8's cuBLASLt _int_mm is the only non-reference kernel.
+_RULES: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
+    ("int4", "cpu"): ((128, "int4pack"), (ANY_M, "dequant-bf16")),
+    ("int4", "cpu-slow-bf16"): ((ANY_M, "int4pack"), (ANY_M, "dequant-bf16")),
+    ("int4", "cuda"): ((64, "int4pack"), (ANY_M, "dequant-bf16")),
+    ("int8", "cpu"): ((64, "int8pack"), (ANY_M, "dequant-bf16")),
+    ("int8", "cpu-slow-bf16"): ((ANY_M, "int8pack"), (ANY_M, "dequant-bf16")),
+    ("int8", "cuda"): ((ANY_M, "dequant-bf16"),),
+    ("w8a8", "cpu"): ((ANY_M, "int_mm"),),
+    ("w8a8", "cpu-slow-bf16"): ((ANY_M, "int_mm"),),
+    ("w8a8", "cuda"): ((ANY_M, "int_mm"),),
+}
+TUNE_ENV = "LLMOPT_KERNEL_TUNE"
+_TIMING_REPEATS = 5
+_TUNED: dict[str, str] | None = None  # kernels.json's timed choices, read on first use (tuning opted into)
+
+
+def device_class(device: torch.device) -> str:
+    """The rule's device class (see _RULES)."""
+    if device.type == "cpu" and not fast_bf16(device):
+        return "cpu-slow-bf16"
+    return device.type
+
+
+def rule_kernel(kind: str, device: str, bucket: int, table: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                reference: str) -> str:
+    """The rule's kernel for a module of `kind` on device class `device` at M bucket `bucket`, among `table`'s."""
+    for max_bucket, name in _RULES.get((kind, device), ()):
+        if bucket <= max_bucket and name in table:
+            return name
+    return next((name for name in table if name != reference), reference)
+
+
+def tuned_cache_path() -> Path:
+    return llmopt_home() / "kernels.json"
 
 
 def clear_kernel_cache() -> None:
-    _CHOICES.clear()
+    """Forget the timed choices read from kernels.json (the next tuned forward reads the file again)."""
+    global _TUNED
+    _TUNED = None
+
+
+def _tuned_choices() -> dict[str, str]:
+    global _TUNED
+    if _TUNED is None:
+        path = tuned_cache_path()
+        try:
+            _TUNED = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, json.JSONDecodeError):  # a damaged cache is only lost measurements: time again
+            _TUNED = {}
+    return _TUNED
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux: platform's name is all there is
+        return platform.processor() or platform.machine()
+
+
+def _machine(device: torch.device) -> str:
+    """What a timing depends on besides the shape: torch, the device and (on CPU) the thread count."""
+    if device.type == "cuda":
+        return f"torch {torch.__version__} | {torch.cuda.get_device_name(device)}"
+    return f"torch {torch.__version__} | {_cpu_name()} | {torch.get_num_threads()} threads"
 
 
 def _bucket(m: int) -> int:
@@ -56,6 +139,7 @@ class QuantLinear(torch.nn.Module):
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size = qw.bits, qw.group_size
         self.device_type = device.type  # kernel layouts are device-specific (CPU and CUDA int4pack differ)
+        self.device_class = device_class(device)
         self.force_kernel: str | None = os.environ.get("LLMOPT_KERNEL") or None
         self.used: dict[int, str] = {}  # M bucket → kernel that ran
         self._table: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
@@ -90,8 +174,9 @@ class QuantLinear(torch.nn.Module):
         """The pure-torch path every other kernel is tested against."""
         return "dequant"
 
-    def _cache_key(self, bucket: int, device: torch.device) -> tuple:
-        return (self.kind, device.type, self.out_features, self.in_features, self.group_size, self.bits, bucket)
+    def _cache_key(self, bucket: int, device: torch.device) -> str:
+        parts = (_machine(device), self.kind, self.out_features, self.in_features, self.group_size, self.bits, bucket)
+        return " | ".join(map(str, parts))
 
     def table(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """kernels(), built once per module."""
@@ -112,13 +197,22 @@ class QuantLinear(torch.nn.Module):
         if len(table) == 1:
             return next(iter(table))
         bucket = _bucket(x2d.shape[0])
+        if os.environ.get(TUNE_ENV) == "1":
+            return self._tuned(bucket, x2d)
+        return rule_kernel(self.kind, self.device_class, bucket, table, self.reference_kernel())
+
+    def _tuned(self, bucket: int, x2d: torch.Tensor) -> str:
+        """The timed choice for this shape on this machine: kernels.json's, else timed now and stored there."""
+        table, choices = self.table(), _tuned_choices()
         key = self._cache_key(bucket, x2d.device)
-        if key not in _CHOICES:
-            probe = torch.randn(bucket, self.in_features, device=x2d.device, dtype=x2d.dtype)
+        if choices.get(key) not in table:
+            probe = torch.randn(bucket, self.in_features, device=x2d.device, dtype=x2d.dtype)  # [bucket, K]
             timed = {name: _time(lambda fn=fn: fn(probe), x2d.device) for name, fn in table.items()
                      if name != self.reference_kernel()}
-            _CHOICES[key] = min(timed, key=timed.get)
-        return _CHOICES[key]
+            choices[key] = min(timed, key=timed.get)
+            tuned_cache_path().parent.mkdir(parents=True, exist_ok=True)
+            write_json(tuned_cache_path(), choices)
+        return choices[key]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_w8a8_int_mm_matches_float64(m, with_bias):
         assert (y.double() - ref).abs().max() / ref.abs().max() <= 1e-5, kernel
 
 
-def test_autotune_picks_and_records_a_kernel():
+def test_selection_picks_and_records_a_kernel():
     clear_kernel_cache()
     module = build_linear(rtn(_weight(1), 4, 32, True), CPU, torch.float32)
     module(torch.randn(1, K))
