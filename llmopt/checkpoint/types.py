@@ -15,6 +15,9 @@ from llmopt.errors import LlmoptError
 
 METHODS = ("rtn", "int8", "w8a8", "gptq", "awq")
 FORMATS = ("compressed-tensors", "gptq", "awq")
+# what `llmopt quantize --format` writes: a checkpoint format, or gguf (a compressed-tensors checkpoint plus
+# model.gguf exported from it beside it)
+QUANTIZE_FORMATS = (*FORMATS, "gguf")
 
 
 @dataclass(frozen=True, slots=True)

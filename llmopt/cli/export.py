@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict
 from typing import Annotated
 
@@ -40,9 +39,8 @@ def export(
         typer.echo(json.dumps({"path": str(result.path), "bytes": result.n_bytes,
                                "tensors": [asdict(r) for r in result.records]}, indent=2))
         return
-    kinds = Counter(f"{r.ggml_type} {r.how}" for r in result.records)
     err.print(f"wrote {result.path} ({result.n_bytes / 2**20:.1f} MiB): "
-              + ", ".join(f"{n}× {k}" for k, n in sorted(kinds.items())))
+              + ", ".join(f"{n}× {k}" for k, n in result.kinds().items()))
     if result.requantized:
         names = result.requantized
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from llmopt.checkpoint.types import FORMATS, METHODS
+from llmopt.checkpoint.types import METHODS, QUANTIZE_FORMATS
 from llmopt.cli.options import (
     ChatTemplate,
     Device,
@@ -34,7 +34,9 @@ def quantize(
         "--group-size", help="Input channels per scale; -1 = per channel (default -1 for int8/w8a8, else 128).")] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric or asymmetric (default: asym for awq).",
                                              show_default=False)] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help=f"Checkpoint format: {', '.join(FORMATS)}.")]
+    format: Annotated[str, typer.Option("--format", "-f", help=f"Checkpoint format: {', '.join(QUANTIZE_FORMATS)} "
+                                                               "(gguf: a compressed-tensors checkpoint plus "
+                                                               "model.gguf for llama.cpp beside it).")]
     = "compressed-tensors",
     calib: Annotated[str, typer.Option("--calib", help="Calibration text: builtin, wikitext2, c4, pileval, a "
                                                       "datasets id or a local file/folder.")] = "builtin",
@@ -139,3 +141,16 @@ def quantize(
     if memory is not None:
         console.print(memory)
     console.print(f"wrote {result.out}")
+    if result.gguf is not None:
+        _print_gguf(result.out, result.gguf)
+
+
+def _print_gguf(out: Path, info: dict) -> None:
+    from llmopt.cli.console import err
+    from llmopt.cli.console import out as console
+
+    kinds = ", ".join(f"{n}× {k}" for k, n in info["tensors"].items())
+    console.print(f"wrote {out / info['file']} ({info['bytes'] / 2**20:.1f} MiB: {kinds}) for llama.cpp, beside the "
+                  f"compressed-tensors safetensors checkpoint (what --evaluate measures and vLLM loads)")
+    if info["warning"] is not None:
+        err.print(f"warning: {info['warning']}", markup=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmopt.checkpoint.types import FORMATS, METHODS, QuantArgs
+from llmopt.checkpoint.types import METHODS, QUANTIZE_FORMATS, QuantArgs
 from llmopt.errors import LlmoptError
 from llmopt.progress import Progress
 
@@ -79,8 +79,6 @@ class QuantizeArgs:
         self.out = Path(self.out)
         if self.method not in METHODS:
             raise LlmoptError(f"unknown --method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.format not in FORMATS:
-            raise LlmoptError(f"unknown --format {self.format!r}: use one of {', '.join(FORMATS)}")
         from llmopt.quant.methods import method_class
 
         method = method_class(self.method)  # its rules for bits, group size and symmetry
@@ -110,11 +108,7 @@ class QuantizeArgs:
                     re.compile(pat[3:])
                 except re.error as e:
                     raise LlmoptError(f"bad regular expression in {pat!r}: {e}") from None
-        from llmopt.checkpoint.kv_scales import check_kind
-
-        check_kind(self.kv_cache, self.format)
-        if self.kv_cache is not None and self.backend != "llmopt":
-            raise LlmoptError(f"--kv-cache is calibrated by llmopt's own pipeline: drop --backend {self.backend}")
+        self._check_format(method.act_bits)
         if self.load not in LOAD_MODES:
             raise LlmoptError(f"unknown --load {self.load!r}: use one of {', '.join(LOAD_MODES)}")
         if self.max_memory is not None:
@@ -131,6 +125,31 @@ class QuantizeArgs:
         if self.backend != "llmopt" and self.load == "stream":
             raise LlmoptError(f"--load stream is llmopt's own pipeline: drop --backend {self.backend}")
         self.quant_args()  # validates the per-Linear settings too
+
+    def _check_format(self, act_bits: int | None) -> None:
+        """--format against the other options: what it can store, and what gguf's export would refuse."""
+        from llmopt.checkpoint.kv_scales import check_kind
+
+        if self.format not in QUANTIZE_FORMATS:
+            raise LlmoptError(f"unknown --format {self.format!r}: use one of {', '.join(QUANTIZE_FORMATS)}")
+        if self.format == "gguf":
+            from llmopt.checkpoint.formats.gguf import ggml_type
+
+            ggml_type(self.bits, self.sym, act_bits)
+            if self.kv_cache is not None:
+                raise LlmoptError("GGUF files carry no static KV-cache scales: drop --kv-cache or use --format "
+                                  "compressed-tensors")
+            if self.backend != "llmopt":
+                raise LlmoptError(f"--format gguf is llmopt's own pipeline: drop --backend {self.backend} (or run "
+                                  f"llmopt export on its checkpoint)")
+        check_kind(self.kv_cache, self.checkpoint_format)
+        if self.kv_cache is not None and self.backend != "llmopt":
+            raise LlmoptError(f"--kv-cache is calibrated by llmopt's own pipeline: drop --backend {self.backend}")
+
+    @property
+    def checkpoint_format(self) -> str:
+        """The format of the safetensors checkpoint written (gguf: compressed-tensors, model.gguf beside it)."""
+        return "compressed-tensors" if self.format == "gguf" else self.format
 
     def needs_calibration(self) -> bool:
         """Calibration windows are needed: the method calibrates, the per-layer check runs, or KV scales."""
@@ -163,6 +182,7 @@ class QuantizeResult:
     parameters: dict = field(default_factory=dict)  # kind → {total, targeted, quantized} parameter counts
     kv_cache: dict | None = None  # --kv-cache: the calibrated per-layer K/V scales written (kv_scales.KVScales)
     memory: dict = field(default_factory=dict)  # how the model was loaded and why; peak RSS (and GPU memory)
+    gguf: dict | None = None  # --format gguf: model.gguf beside the checkpoint (quant/finish.export_gguf_beside)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -288,7 +308,7 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
     timings: dict[str, float] = {}
     qargs = args.quant_args()
     check_out_dir(args.out, args.overwrite)  # fail before any heavy work
-    formats.check_supported(args.format, args.method, qargs)
+    formats.check_supported(args.checkpoint_format, args.method, qargs)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     load = plan_load(args, dtype)
@@ -318,7 +338,7 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
         t = time.perf_counter()
         quality = None  # a streamed run's quality table, measured during its walk
         if streamed is None:
-            formats.write_checkpoint(args.format, prepared.model, result.qweights, tmp, qargs, args.method,
+            formats.write_checkpoint(args.checkpoint_format, prepared.model, result.qweights, tmp, qargs, args.method,
                                      kv_scales=kv_scales)
         else:
             quality = streamed.finish(result.qweights, qargs, args.method, kv_scales)
@@ -327,7 +347,7 @@ def quantize(args: QuantizeArgs, progress: Progress | None = None) -> QuantizeRe
             timings["stream_evaluate"] = streamed.evaluator.seconds
         memory = _memory_record(load, device)
         return _finish(args, prepared, result, kinds, kv_scales, calib, eval_batch, device, dtype, timings, t_all,
-                       tmp, memory, quality)
+                       tmp, memory, quality, progress)
 
 
 def _walk(args: QuantizeArgs, prepared: _Prepared, qargs: QuantArgs, calib, eval_batch, device: torch.device,
@@ -344,7 +364,7 @@ def _walk(args: QuantizeArgs, prepared: _Prepared, qargs: QuantArgs, calib, eval
 
         evaluator = None if eval_batch is None else StreamedEval(prepared.model, eval_batch.input_ids, device,
                                                                  method_class(args.method).act_bits)
-        streamed = StreamedCheckpoint(prepared.model, prepared.stream, args.format, tmp, evaluator)
+        streamed = StreamedCheckpoint(prepared.model, prepared.stream, args.checkpoint_format, tmp, evaluator)
     if not args.layer_check:
         result = quantize_data_free(prepared.model, args.method, qargs, prepared.is_target, device, progress, streamed,
                                     write_back=streamed is not None and streamed.evaluator is not None)
@@ -398,6 +418,10 @@ def _prepare(args: QuantizeArgs, qargs: QuantArgs, dtype: torch.dtype, mode: str
     names = _check_shapes(model, is_target, qargs)
     by_kind = _kind_counter(model, is_target, args)
     check_all_targeted_quantized(by_kind(set(names)))  # before the long part: nothing targeted may stay float
+    if args.format == "gguf":  # what the export at the end would refuse
+        from llmopt.quant.finish import check_gguf_export
+
+        check_gguf_export(model, loaded.tokenizer, names, qargs, args.method)
     stream = None
     if mode == "stream":
         from llmopt.models.streaming import WeightStream
@@ -424,15 +448,16 @@ def load_data(args: QuantizeArgs, tokenizer):
 
 def _finish(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_scales, calib, eval_batch,
             device: torch.device, dtype: torch.dtype, timings: dict, t_all: float, tmp: Path,
-            memory: dict, quality: dict | None) -> QuantizeResult:
+            memory: dict, quality: dict | None, progress: Progress | None) -> QuantizeResult:
     """The shared finish step (quant/finish.py) in the atomic temp dir: tokenizer, evaluation (a streamed run
-    brings its own `quality`), llmopt.json."""
+    brings its own `quality`), model.gguf for --format gguf, llmopt.json."""
     from llmopt.quant.finish import (
         FloatSource,
         Written,
         calibration_record,
         eval_record,
         evaluate_written,
+        export_gguf_beside,
         write_quant_manifest,
     )
 
@@ -452,15 +477,22 @@ def _finish(args: QuantizeArgs, prepared: _Prepared, result, kinds: dict, kv_sca
         from llmopt.memory import peak_rss_bytes
 
         memory["peak_rss_with_evaluation_bytes"] = peak_rss_bytes()
+    gguf_info = None
+    if args.format == "gguf":
+        t = time.perf_counter()
+        gguf_info = export_gguf_beside(tmp, Path(args.out).name, evaluated_with is not None, progress)
+        timings["gguf"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
     layers = [r.to_dict() for r in result.layers]
     moe_info = _moe_summary(model, prepared.unfused, layers)
-    written = Written(args.format, asdict(qargs), layers, len(prepared.names), ignored, {
+    written = Written(args.checkpoint_format, asdict(qargs), layers, len(prepared.names), ignored, {
         "moe": moe_info, "parameters_by_kind": parameters, "conv1d_as_linear": prepared.converted,
-        "scale_migration": _scale_summary(model, args.method), "kv_cache": kv_info, "memory": memory})
+        "scale_migration": _scale_summary(model, args.method), "kv_cache": kv_info, "memory": memory,
+        "gguf": gguf_info})
     write_quant_manifest(tmp, args, source, written, calibration, timings, metrics, evaluated_with)
     return QuantizeResult(Path(args.out), args.method, args.format, asdict(qargs), calibration, timings, layers,
-                          metrics, evaluated_with, len(prepared.names), moe_info, parameters, kv_info, memory)
+                          metrics, evaluated_with, len(prepared.names), moe_info, parameters, kv_info, memory,
+                          gguf_info)
 
 
 def _kind_counter(model, is_target: Callable[[str], bool], args: QuantizeArgs):

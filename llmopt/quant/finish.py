@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from llmopt.checkpoint.manifest import dir_bytes, write_manifest
+from llmopt.checkpoint.types import QuantArgs
+from llmopt.progress import Progress
 
 
 @dataclass(slots=True)
@@ -84,6 +86,48 @@ def _quality(args, path: Path, source: FloatSource, windows: torch.Tensor, devic
     return {"float": f.to_dict(), "quantized": q.to_dict()}
 
 
+GGUF_FILE = "model.gguf"  # --format gguf: the GGUF file beside the safetensors checkpoint
+
+
+def check_gguf_export(model: torch.nn.Module, tokenizer, names: list[str], quant_args: QuantArgs,
+                      method: str) -> None:
+    """--format gguf, before calibration: raise what exporting the finished checkpoint would (architecture,
+    rope, W8A8, input columns of the quantized Linears `names`, tokenizer, the gguf package missing)."""
+    import json
+
+    from llmopt.checkpoint.formats.gguf import check_exportable
+    from llmopt.errors import LlmoptError
+    from llmopt.quant.methods import method_class
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LlmoptError("GGUF files carry the tokenizer from its tokenizer.json, which this model's (slow) "
+                          "tokenizer has none of: use --format compressed-tensors")
+    in_dims = {n: int(model.get_submodule(n).in_features) for n in names}
+    check_exportable(model.config.to_dict(), quant_args.bits, quant_args.sym, method_class(method).act_bits,
+                     in_dims, json.loads(backend.to_str()))
+
+
+def export_gguf_beside(tmp: Path, name: str, evaluated: bool, progress: Progress | None) -> dict:
+    """--format gguf: model.gguf exported from the finished checkpoint in tmp (llmopt export's own code, float
+    tensors f16) beside it; its llmopt.json record: file, bytes, how each tensor mapped, and a warning when
+    tensors were requantized (then model.gguf's weights differ from the safetensors' the evaluation measured)."""
+    from llmopt.checkpoint.formats.gguf import export_gguf
+
+    result = export_gguf(tmp, tmp / GGUF_FILE, "f16", progress, name=name)
+    quantized = [r for r in result.records if r.how != "float"]
+    requantized = result.requantized
+    warning = None
+    if requantized:
+        measured = ("the quality table measured the safetensors checkpoint, not model.gguf" if evaluated else
+                    "model.gguf's weights differ from the safetensors checkpoint's in them")
+        warning = (f"{len(requantized)} of {len(quantized)} quantized tensors were requantized into GGUF blocks "
+                   f"(exact needs groups of a multiple of 32 columns, no --act-order, symmetric 8-bit): {measured}")
+    return {"file": GGUF_FILE, "bytes": result.n_bytes, "float_type": "f16", "tensors": result.kinds(),
+            "exact": len(quantized) - len(requantized), "requantized": len(requantized),
+            "requantized_tensors": requantized, "warning": warning}
+
+
 def write_quant_manifest(tmp: Path, args, source: FloatSource, written: Written, calibration: dict, timings: dict,
                          metrics: dict, evaluated_with: str | None) -> None:
     """llmopt.json of a quantized checkpoint (the one schema of both paths)."""
@@ -96,4 +140,5 @@ def write_quant_manifest(tmp: Path, args, source: FloatSource, written: Written,
     })
 
 
-__all__ = ["FloatSource", "Written", "calibration_record", "eval_record", "evaluate_written", "write_quant_manifest"]
+__all__ = ["GGUF_FILE", "FloatSource", "Written", "calibration_record", "check_gguf_export", "eval_record",
+           "evaluate_written", "export_gguf_beside", "write_quant_manifest"]

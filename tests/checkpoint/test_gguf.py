@@ -18,8 +18,7 @@ from llmopt.checkpoint.formats import write_checkpoint
 from llmopt.checkpoint.formats.gguf import export_gguf, qk_row_order, tokenizer_pre
 from llmopt.checkpoint.types import QuantArgs
 from llmopt.cli.main import app
-
-N_HEAD, N_KV, HEAD_DIM = 4, 2, 32
+from tests.helpers.gguf_files import HEAD_DIM, N_HEAD, N_KV, fp16_scale_reference, gguf_name, gguf_weights, hub_rows
 
 
 def _vocab_size(tokenizer_dir) -> int:
@@ -52,41 +51,6 @@ def _write(out, model, qweights, tokenizer_dir, fmt="compressed-tensors", method
     return out
 
 
-def _gguf_weights(path) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, dequantized by the gguf package, as [rows, cols] float32 (GGUF order)."""
-    reader = gguf.GGUFReader(path)
-    out = {}
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-        out[t.name] = torch.from_numpy(w.copy()).float().reshape([int(n) for n in reversed(t.shape)])
-    return out
-
-
-def _hub_rows(gguf_name: str, w: torch.Tensor, arch: str) -> torch.Tensor:
-    """Undo llama.cpp's q/k permutation so the rows are the hub's again."""
-    if arch != "llama" or not gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-        return w
-    heads = N_HEAD if "attn_q" in gguf_name else N_KV
-    return w[torch.argsort(qk_row_order(w.shape[0], heads))]
-
-
-def _fp16_scale_reference(qw) -> torch.Tensor:
-    """What the block stores: (q - zero) * fp16(scale), or q * fp16(scale) + fp16(-zero * scale) for Q4_1."""
-    g = qw.group_index()
-    q, z, s = qw.qweight.float(), qw.zeros.float()[:, g], qw.scales.float()[:, g]
-    if qw.sym:
-        return (q - z) * s.half().float()
-    return q * s.half().float() + (-z * s).half().float()
-
-
-def _gguf_name(module: str) -> str:
-    layer, rest = module.removeprefix("model.layers.").split(".", 1)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    return f"blk.{layer}.{names[rest]}.weight"
-
-
 EXACT = [  # bits, group size, sym, GGML type
     (4, 32, True, gguf.GGMLQuantizationType.Q4_0),
     (4, 128, True, gguf.GGMLQuantizationType.Q4_0),  # a group of 128 is four whole blocks: still exact
@@ -106,11 +70,11 @@ def test_exact_mappings_equal_llmopt_dequantized(tmp_path, tiny_model_dir, bits,
     assert not result.requantized
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     types = {t.name: t.tensor_type for t in reader.tensors}
-    weights = _gguf_weights(tmp_path / "m.gguf")
+    weights = gguf_weights(tmp_path / "m.gguf")
     for module, qw in qweights.items():
-        name = _gguf_name(module)
+        name = gguf_name(module)
         assert types[name] == qtype
-        torch.testing.assert_close(_hub_rows(name, weights[name], "llama"), _fp16_scale_reference(qw),
+        torch.testing.assert_close(hub_rows(name, weights[name], "llama"), fp16_scale_reference(qw),
                                    rtol=1e-6, atol=1e-7)
     # float tensors: norms in F32 exactly, the head in F16
     sd = model.state_dict()
@@ -139,11 +103,11 @@ def test_act_order_is_requantized_close_to_target(tmp_path, tiny_model_dir):
     ckpt = _write(tmp_path / "ckpt", model, qweights, tiny_model_dir, fmt="gptq", method="gptq",
                   args=QuantArgs(bits=4, group_size=32, act_order=True))
     result = export_gguf(ckpt, tmp_path / "m.gguf")
-    assert sorted(result.requantized) == sorted(_gguf_name(n) for n in qweights)
-    weights = _gguf_weights(tmp_path / "m.gguf")
+    assert sorted(result.requantized) == sorted(gguf_name(n) for n in qweights)
+    weights = gguf_weights(tmp_path / "m.gguf")
     for module, qw in qweights.items():
         target = qw.dequantize()  # [out, in]
-        got = _hub_rows(_gguf_name(module), weights[_gguf_name(module)], "llama")
+        got = hub_rows(gguf_name(module), weights[gguf_name(module)], "llama")
         assert ((got - target).norm() / target.norm()).item() < 0.15, module
         # never worse than llama.cpp's own Q4_0 rule (d = signed max / -8, round, clamp)
         x = target.view(target.shape[0], -1, 32)
@@ -181,12 +145,12 @@ def test_qwen2_biases_no_permutation_tied_head(tmp_path, tiny_model_dir):
     qweights = quantize_model(model)
     ckpt = _write(tmp_path / "ckpt", model, qweights, tiny_model_dir)
     export_gguf(ckpt, tmp_path / "m.gguf")
-    weights = _gguf_weights(tmp_path / "m.gguf")
+    weights = gguf_weights(tmp_path / "m.gguf")
     fields = {name: f.contents() for name, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
     assert fields["general.architecture"] == "qwen2"
     assert fields["tokenizer.ggml.pre"] == "gpt-2"  # the tokenizer's regex, not the architecture's name
     torch.testing.assert_close(weights["blk.0.attn_q.weight"],
-                               _fp16_scale_reference(qweights["model.layers.0.self_attn.q_proj"]))
+                               fp16_scale_reference(qweights["model.layers.0.self_attn.q_proj"]))
     torch.testing.assert_close(weights["blk.1.attn_k.bias"], model.model.layers[1].self_attn.k_proj.bias.detach())
     assert "output.weight" not in weights  # tied: llama.cpp reuses token_embd
 

@@ -74,6 +74,13 @@ class GgufExport:
     def requantized(self) -> list[str]:
         return [r.name for r in self.records if r.how == "requantized"]
 
+    def kinds(self) -> dict[str, int]:
+        """How many tensors went each way, by "<GGML type> <exact|requantized|float>" (sorted)."""
+        counts: dict[str, int] = {}
+        for r in self.records:
+            counts[f"{r.ggml_type} {r.how}"] = counts.get(f"{r.ggml_type} {r.how}", 0) + 1
+        return dict(sorted(counts.items()))
+
 
 @dataclass(slots=True)
 class Blocks:
@@ -108,14 +115,40 @@ def hub_to_gguf(name: str) -> str:
     raise LlmoptError(f"tensor {name!r} has no GGUF name: only Llama and Qwen2 checkpoints can be exported")
 
 
-def qtype_for(qw: QuantizedWeight) -> str:
-    """The GGML type a quantized Linear goes to: its bits and symmetry decide, the data only exactness."""
-    if qw.act_bits is not None:
+def ggml_type(bits: int, sym: bool, act_bits: int | None) -> str:
+    """The GGML type a quantized Linear with these settings goes to (its data decide only exactness); W8A8
+    (activation quantization) has none."""
+    if act_bits is not None:
         raise LlmoptError("W8A8 checkpoints quantize activations, which GGUF files cannot express: "
                           "export an int8/gptq/awq/rtn checkpoint")
-    if qw.bits <= 4:
-        return "Q4_0" if qw.sym else "Q4_1"
+    if bits <= 4:
+        return "Q4_0" if sym else "Q4_1"
     return "Q8_0"
+
+
+def qtype_for(qw: QuantizedWeight) -> str:
+    return ggml_type(qw.bits, qw.sym, qw.act_bits)
+
+
+def check_in_dim(hub_name: str, n_in: int) -> None:
+    if n_in % BLOCK:
+        raise LlmoptError(f"{hub_name}: {n_in} input columns is not a multiple of {BLOCK}, which GGUF "
+                          f"blocks need")
+
+
+def check_exportable(config: dict, bits: int, sym: bool, act_bits: int | None, in_dims: dict[str, int],
+                     tokenizer: dict) -> None:
+    """Raise the one-line error export_gguf would raise for a checkpoint of this config (config.json as a dict)
+    whose quantized Linears (hub name → input columns) use these settings, with this tokenizer.json (as a dict);
+    `llmopt quantize --format gguf` calls it before it calibrates. Also fails without the gguf package."""
+    _gguf()
+    config = config.get("text_config", config)
+    architecture(config)
+    _rope_theta(config)
+    ggml_type(bits, sym, act_bits)
+    for hub_name, n_in in in_dims.items():
+        check_in_dim(hub_name, n_in)
+    check_tokenizer(tokenizer)
 
 
 def exact_blocks(qw: QuantizedWeight, qtype: str) -> Blocks | None:
@@ -239,6 +272,14 @@ def tokenizer_pre(tok: dict) -> str:
                       "cannot write tokenizer.ggml.pre")
 
 
+def check_tokenizer(tok: dict) -> None:
+    """Raise unless tokenizer.json (as a dict) is a byte-level BPE whose pre-tokenizer llama.cpp knows."""
+    if (tok.get("model") or {}).get("type") != "BPE" or \
+            (tok.get("pre_tokenizer") or {}).get("type") not in ("ByteLevel", "Sequence"):
+        raise LlmoptError("only byte-level BPE tokenizers (tokenizer.json model BPE) are exported to GGUF")
+    tokenizer_pre(tok)
+
+
 def write_tokenizer(writer, ckpt: Path, config: dict) -> None:
     """tokenizer.ggml.* for a byte-level BPE tokenizer.json (what the built-in model and Llama-3/Qwen2 use):
     model gpt2, tokens by id, types (CONTROL for special added tokens), merges, special ids, add_bos."""
@@ -247,9 +288,8 @@ def write_tokenizer(writer, ckpt: Path, config: dict) -> None:
     if not path.is_file():
         raise LlmoptError(f"{ckpt} has no tokenizer.json: GGUF files carry the tokenizer")
     tok = json.loads(path.read_text())
-    model = tok.get("model", {})
-    if model.get("type") != "BPE" or (tok.get("pre_tokenizer") or {}).get("type") not in ("ByteLevel", "Sequence"):
-        raise LlmoptError("only byte-level BPE tokenizers (tokenizer.json model BPE) are exported to GGUF")
+    check_tokenizer(tok)
+    model = tok["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     special = {t["content"]: t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
     vocab.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
@@ -356,9 +396,7 @@ def convert_all(ckpt: Checkpoint, arch: Arch, float_type: str, progress: Progres
     """Every tensor of the checkpoint in GGUF form, in the hub's layer order."""
     for hub_name, qw in ckpt.qweights.items():  # refuse before any work is reported
         qtype_for(qw)
-        if qw.shape[1] % BLOCK:
-            raise LlmoptError(f"{hub_name}: {qw.shape[1]} input columns is not a multiple of {BLOCK}, which GGUF "
-                              f"blocks need")
+        check_in_dim(hub_name, qw.shape[1])
     counter = Counter(progress, "gguf tensor", len(ckpt.qweights) + len(ckpt.tensors))
     out: list[Converted] = []
     for hub_name, qw in ckpt.qweights.items():
@@ -384,9 +422,11 @@ def _file_type(converted: list[Converted], float_type: str) -> int:
     return getattr(gguf.LlamaFileType, f"MOSTLY_{most}")
 
 
-def export_gguf(checkpoint: Path, out: Path, float_type: str = "f16", progress: Progress | None = None) -> GgufExport:
+def export_gguf(checkpoint: Path, out: Path, float_type: str = "f16", progress: Progress | None = None,
+                name: str | None = None) -> GgufExport:
     """Write `checkpoint` (an llmopt/HF checkpoint directory, quantized or float) to the GGUF file `out`
-    atomically; returns what each tensor became. float_type: f16 or f32 for the float 2-D tensors."""
+    atomically; returns what each tensor became. float_type: f16 or f32 for the float 2-D tensors; name:
+    general.name (default: the checkpoint directory's name)."""
     gguf = _gguf()
     checkpoint, out = Path(checkpoint), Path(out)
     if float_type not in FLOAT_TYPES:
@@ -400,7 +440,7 @@ def export_gguf(checkpoint: Path, out: Path, float_type: str = "f16", progress: 
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, arch.name)
-        write_hparams(writer, config, checkpoint.name)
+        write_hparams(writer, config, name or checkpoint.name)
         writer.add_file_type(_file_type(converted, float_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_tokenizer(writer, checkpoint, config)
@@ -415,5 +455,6 @@ def export_gguf(checkpoint: Path, out: Path, float_type: str = "f16", progress: 
     return GgufExport(out, out.stat().st_size, [c.record for c in converted])
 
 
-__all__ = ["ARCHS", "FLOAT_TYPES", "Blocks", "GgufExport", "TensorRecord", "exact_blocks", "export_gguf",
-           "hub_to_gguf", "pack", "qk_row_order", "qtype_for", "requantize"]
+__all__ = ["ARCHS", "FLOAT_TYPES", "Blocks", "GgufExport", "TensorRecord", "check_exportable", "check_tokenizer",
+           "exact_blocks", "export_gguf", "ggml_type", "hub_to_gguf", "pack", "qk_row_order", "qtype_for",
+           "requantize"]
