@@ -79,7 +79,7 @@ def kv_bytes_per_token(specs: list[LayerSpec], fmt: KVFormat) -> int:
 @dataclass(slots=True)
 class PagedKVCache:
     """Per-layer K and V block pools, [num_blocks, block_size, kv_heads, k_head_dim] and [..., v_head_dim], in
-    fmt.dtype; for a quantized fmt also per-layer K and V scale pools [num_blocks, block_size, kv_heads] (float16).
+    fmt.dtype; for a quantized fmt also per-layer K and V scale pools [num_blocks, block_size, kv_heads] (fmt.scale_dtype).
     Tokens are quantized as they are written (`write`) and dequantized only in the blocks a step reads (`read`)."""
 
     k: list[torch.Tensor]
@@ -118,7 +118,7 @@ class PagedKVCache:
         """Store the step's new key [T, Hkv, Dk] and value [T, Hkv, Dv] at flat slots [T]."""
         for j, (pools, scales, x) in enumerate(((self.k, self.k_scale, key), (self.v, self.v_scale, value))):
             pool = pools[layer]
-            flat = pool.view(-1, *pool.shape[2:])  # [N·bs, Hkv, D]
+            flat = _flat(pool)  # [N·bs, Hkv, D]
             if not self.fmt.scaled:
                 flat.index_copy_(0, slots, x.to(pool.dtype))
                 continue
