@@ -47,7 +47,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmopt.engine.kv_format import KVFormat, codes_to, quantize, quantize_static, scale_factors
+from llmopt.engine.kv_format import (
+    KVFormat,
+    codes_to,
+    quantize,
+    quantize_static,
+    scale_factors,
+)
 
 ATTN_NAME = "llmopt_paged"
 
