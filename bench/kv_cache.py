@@ -19,16 +19,20 @@ that the in-place read replaced.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-
-import contextlib
 from collections.abc import Iterator
 
 import torch
 
-from llmopt.engine import EngineConfig, LLMEngine, SamplingParams
-from llmopt.engine import attention, model_runner
+from llmopt.engine import (
+    EngineConfig,
+    LLMEngine,
+    SamplingParams,
+    attention,
+    model_runner,
+)
 from llmopt.engine.kv_format import fp8_dtype
 
 
