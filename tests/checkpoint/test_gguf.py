@@ -191,6 +191,17 @@ def test_w8a8_cannot_map(tmp_path, tiny_model_dir):
     assert list(out_dir.iterdir()) == []
 
 
+def test_3bit_checkpoint_is_refused_not_stored_at_4_bits(tmp_path, tiny_model_dir):
+    model = _model("llama", _vocab_size(tiny_model_dir))
+    ckpt = _write(tmp_path / "ckpt", model, quantize_model(model, bits=3, group_size=32),
+                  tiny_model_dir, method="rtn", args=QuantArgs(bits=3, group_size=32))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    r = _cli(ckpt, "--out", out_dir / "m.gguf")
+    assert r.exit_code == 2 and "3-bit codes would take 4.5 bits" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and list(out_dir.iterdir()) == []
+
+
 def test_failure_while_writing_leaves_nothing(tmp_path, tiny_model_dir):
     """The tokenizer is read inside the file writer: its absence must not leave a half-written file."""
     model = _model("llama", _vocab_size(tiny_model_dir))

@@ -120,6 +120,8 @@ def mistral_dir(tiny_model_dir, tmp_path_factory):
     ("w8a8", ["--method", "w8a8"], "W8A8 checkpoints quantize activations"),
     ("kv", ["--method", "rtn", "--kv-cache", "fp8"], "GGUF files carry no static KV-cache scales"),
     ("arch", ["--method", "gptq", "--group-size", "32"], "not model_type 'mistral'"),
+    ("2-bit", ["--method", "gptq", "--bits", "2", "--group-size", "32"], "2-bit codes would take 4.5 bits"),
+    ("3-bit", ["--method", "rtn", "--bits", "3", "--group-size", "32"], "3-bit codes would take 4.5 bits"),
 ])
 def test_refused_before_calibration_exit_2_nothing_written(tiny_model_dir, mistral_dir, tmp_path, monkeypatch,
                                                             case, args, message):

@@ -121,9 +121,14 @@ def ggml_type(bits: int, sym: bool, act_bits: int | None) -> str:
     if act_bits is not None:
         raise LlmoptError("W8A8 checkpoints quantize activations, which GGUF files cannot express: "
                           "export an int8/gptq/awq/rtn checkpoint")
-    if bits <= 4:
+    if bits == 4:
         return "Q4_0" if sym else "Q4_1"
-    return "Q8_0"
+    if bits == 8:
+        return "Q8_0"
+    # 2/3-bit codes would fit Q4 blocks exactly, but the file would be as large as a 4-bit one: say so instead
+    # of writing a file whose size the user did not ask for.
+    raise LlmoptError(f"GGUF export stores 4- or 8-bit blocks (Q4_0/Q4_1/Q8_0); {bits}-bit codes would take "
+                      f"4.5 bits a weight there: use --bits 4 or --bits 8")
 
 
 def qtype_for(qw: QuantizedWeight) -> str:
