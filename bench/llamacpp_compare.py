@@ -18,7 +18,8 @@ llama.cpp is not a dependency: build llama-perplexity/llama-bench/llama-quantize
 AMX tiles (the dev sandbox).
 
 Usage: python bench/llamacpp_compare.py [--model builtin:tiny] [--llamacpp-bin /work/llamacpp/build/bin]
-       [--work /tmp/llamacpp-compare] [--ctx 256] [--threads 2] [--also CHECKPOINT_DIR ...]
+       [--work /tmp/llamacpp-compare] [--ctx 256] [--chunks N] [--threads 2] [--quantize-args "..."]
+       [--also CHECKPOINT_DIR ...]
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def held_out_text(path: Path) -> Path:
     return path
 
 
-def perplexity(binary: Path, gguf: Path, text: Path, ctx: int, threads: int, log: Path, kld: list[str]) -> dict:
+def perplexity(binary: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int, log: Path,
+               kld: list[str]) -> dict:
     out = run([str(binary / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-b", str(ctx),
-               "-t", str(threads), "-nr", *kld], log)
+               "--chunks", str(chunks), "-t", str(threads), "-nr", *kld], log)
     result = {}
     m = re.search(r"Final estimate: PPL = ([\d.]+)", out) or re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", out)
     if m:
@@ -74,7 +76,7 @@ def decode_speed(binary: Path, gguf: Path, threads: int, log: Path) -> float:
     return float(rows[0]["avg_ts"])
 
 
-def llmopt_ppl(model_dir: Path, ckpt: Path | None, text: Path, ctx: int) -> float:
+def llmopt_ppl(model_dir: Path, ckpt: Path | None, text: Path, ctx: int, chunks: int) -> float:
     """Perplexity in llama-perplexity's scheme, from transformers with the checkpoint's dequantized Linears."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,7 +94,7 @@ def llmopt_ppl(model_dir: Path, ckpt: Path | None, text: Path, ctx: int) -> floa
     ids = torch.tensor([tok.bos_token_id, *tok(text.read_text(), add_special_tokens=False)["input_ids"]])
     nll, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(ids) - ctx + 1, ctx):
+        for start in range(0, min(len(ids) - ctx + 1, chunks * ctx), ctx):
             chunk = ids[start:start + ctx].clone()
             chunk[0] = tok.bos_token_id
             logp = torch.log_softmax(model(chunk[None]).logits[0].float(), -1)  # [ctx, vocab]
@@ -110,6 +112,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/llamacpp-compare"))
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=-1, help="score only the first N chunks (-1: all); a ~1B "
+                    "model in fp32 scores ~10k tokens in minutes here")
+    ap.add_argument("--quantize-args", default="", help="more `llmopt quantize` options for the GPTQ checkpoint, "
+                    "e.g. '--samples 32 --seq-len 256' for a ~1B model")
     ap.add_argument("--also", type=Path, action="append", default=[],
                     help="More llmopt checkpoints of the same model to export and measure (AWQ→Q4_1, int8→Q8_0, "
                          "act-order/g128 → requantized).")
@@ -121,7 +127,7 @@ def main() -> None:
     ckpt = w / "gptq-g32"
     if not ckpt.exists():
         run([PY, "-m", "llmopt", "quantize", args.model, "-o", str(ckpt), "--method", "gptq", "--group-size", "32",
-             "--no-evaluate"], w / "quantize.log")
+             "--no-evaluate", *args.quantize_args.split()], w / "quantize.log")
     files = {"F32": w / "f32.gguf", "llmopt GPTQ→Q4_0": w / "llmopt-q4_0.gguf", "llama.cpp Q4_0": w / "lcpp-q4_0.gguf"}
     run([PY, "-m", "llmopt", "export", str(model_dir), "--float-type", "f32", "--out", str(files["F32"])],
         w / "export-f32.log")
@@ -133,21 +139,22 @@ def main() -> None:
     run([str(b / "llama-quantize"), "--token-embedding-type", "f16", "--output-tensor-type", "f16",
          str(files["F32"]), str(files["llama.cpp Q4_0"]), "Q4_0", str(args.threads)], w / "quantize-lcpp.log")
     base = w / "f32.logits"
-    rows = {"F32": perplexity(b, files["F32"], text, args.ctx, args.threads, w / "ppl-f32.log",
+    rows = {"F32": perplexity(b, files["F32"], text, args.ctx, args.chunks, args.threads, w / "ppl-f32.log",
                               ["--kl-divergence-base", str(base)])}
     for label in ("llmopt GPTQ→Q4_0", "llama.cpp Q4_0", *extra):
-        rows[label] = perplexity(b, files[label], text, args.ctx, args.threads, w / f"ppl-{files[label].stem}.log",
-                                 ["--kl-divergence-base", str(base), "--kl-divergence"])
+        rows[label] = perplexity(b, files[label], text, args.ctx, args.chunks, args.threads,
+                                 w / f"ppl-{files[label].stem}.log", ["--kl-divergence-base", str(base), "--kl-divergence"])
     for label, path in files.items():
         rows[label]["bytes"] = path.stat().st_size
         rows[label]["decode_tok_s"] = decode_speed(b, path, args.threads, w / f"bench-{path.stem}.log")
-    rows["F32"]["llmopt_ppl"] = llmopt_ppl(model_dir, None, text, args.ctx)
-    rows["llmopt GPTQ→Q4_0"]["llmopt_ppl"] = llmopt_ppl(model_dir, ckpt, text, args.ctx)
+    chunks = args.chunks if args.chunks > 0 else 1 << 30
+    rows["F32"]["llmopt_ppl"] = llmopt_ppl(model_dir, None, text, args.ctx, chunks)
+    rows["llmopt GPTQ→Q4_0"]["llmopt_ppl"] = llmopt_ppl(model_dir, ckpt, text, args.ctx, chunks)
     for label, c in extra.items():
-        rows[label]["llmopt_ppl"] = llmopt_ppl(model_dir, c, text, args.ctx)
+        rows[label]["llmopt_ppl"] = llmopt_ppl(model_dir, c, text, args.ctx, chunks)
     load = os.getloadavg()
-    print(json.dumps({"model": args.model, "ctx": args.ctx, "threads": args.threads, "loadavg": load, "rows": rows},
-                     indent=2))
+    print(json.dumps({"model": args.model, "ctx": args.ctx, "chunks": args.chunks, "threads": args.threads,
+                      "loadavg": load, "rows": rows}, indent=2))
     print(f"\n| {args.model}, ctx {args.ctx}, {args.threads} threads, load {load[0]:.1f} | PPL (llama.cpp) | "
           f"PPL (llmopt, same chunks) | mean KLD vs F32 | same top-1 % | MiB | decode tok/s |")
     print("|---|---|---|---|---|---|---|")

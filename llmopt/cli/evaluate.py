@@ -133,6 +133,11 @@ def _model_notes(r: dict, baseline: str | None) -> list[str]:
         notes.append(f"{r['model']}: {q['kv_dtype']} KV vs float KV over {q['kv_tokens']} teacher-forced tokens: KLD "
                   f"mean {q['kv_kld_mean']:.3g} p99 {q['kv_kld_p99']:.3g}, top-1 {q['kv_top1']:.4f}, ppl "
                   f"{q['kv_perplexity']:.3f} (float KV {q['kv_float_perplexity']:.3f})")
+    if q.get("checkpoint") is not None:
+        c = q["checkpoint"]
+        kld = "" if c.get("kld_mean") is None else f", KLD {c['kld_mean']:.3g}, top-1 {c['top1_agreement']:.4f}"
+        notes.append(f"{r['model']}: quality columns are llama.cpp's on the GGUF file; the checkpoint itself "
+                     f"through llmopt's runtime: ppl {c['perplexity']:.3f}{kld}")
     if spec:
         notes.append(f"{r['model']}: speculative k={spec['spec_tokens']} acceptance "
                   f"{spec['acceptance_rate'] or 0:.3f}, {spec['tokens_per_step'] or 0:.2f} tokens/verify step")

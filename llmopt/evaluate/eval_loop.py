@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from llmopt.calibration.data import DataSpec, load_texts, token_stream
@@ -49,6 +51,14 @@ from llmopt.models import (
 )
 from llmopt.progress import Counter, Progress
 from llmopt.runtime import weight_bytes
+
+
+def _score_fields(q: Quality, has_baseline: bool, is_base: bool) -> dict:
+    out = {"perplexity": q.perplexity}
+    if has_baseline:
+        out |= ({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0} if is_base else
+                {"kld_mean": q.kld_mean, "kld_p99": q.kld_p99, "top1_agreement": q.top1_agreement})
+    return out
 
 
 def method_of(loaded) -> str:
@@ -171,6 +181,11 @@ class EvalRunner:
                 "cost_per_1k_output_tokens": None, "utilization": None}
         memory = {"weight_bytes": weight_bytes(loaded.model), "kv_bytes_allocated": None, "kv_bytes_formula": None,
                   "kv_waste_bytes": None}
+        if a.engine == "llamacpp":  # llama.cpp maps the GGUF file: its bytes are the weights it serves
+            from llmopt.evaluate.engines.llamacpp import gguf_file
+
+            memory |= {"checkpoint_weight_bytes": memory["weight_bytes"],
+                       "weight_bytes": gguf_file(Path(loaded.path)).stat().st_size}
         speculative = None
         if not a.quality_only:
             perf_d, mem_d, speculative = self.perf(name, loaded, draft)
@@ -187,12 +202,19 @@ class EvalRunner:
         q: Quality = measure_quality(loaded.model, sw.windows, None if (baseline is None or is_base) else baseline.model,
                                      scored=sw.scored)
         phase.advance()
-        out = {"perplexity": q.perplexity, "tokens": q.tokens, "seq_len": a.seq_len,
-               "stride": a.stride or max(1, a.seq_len // 2)}
-        if baseline is not None:
-            # The baseline against itself: KL is 0 and top-1 agreement 1 by definition.
-            out |= ({"kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0} if is_base else
-                    {"kld_mean": q.kld_mean, "kld_p99": q.kld_p99, "top1_agreement": q.top1_agreement})
+        out = {"tokens": q.tokens, "seq_len": a.seq_len, "stride": a.stride or max(1, a.seq_len // 2)}
+        # The baseline against itself: KL is 0 and top-1 agreement 1 by definition.
+        out |= _score_fields(q, baseline is not None, is_base)
+        if a.engine == "llamacpp":  # what llama.cpp serves is the GGUF file: its scores lead, the checkpoint's stay
+            from llmopt.evaluate.engines.llamacpp import GGUFScorer, gguf_file
+
+            phase = Counter(self.progress, f"quality {name} (llama.cpp, GGUF)", 1)
+            scorer = GGUFScorer(gguf_file(Path(loaded.path)), a.seq_len, a.threads, a.seed)
+            g = measure_quality(None, sw.windows, None if baseline is None else baseline.model, scored=sw.scored,
+                                logits_of=scorer)
+            phase.advance()
+            out |= {"checkpoint": _score_fields(q, baseline is not None, is_base), "source": "gguf (llama.cpp)"}
+            out |= _score_fields(g, baseline is not None, False)
         if a.engine == "llmopt" and resolve_kv_format(a.kv_dtype, model_dtype(loaded.model)).lossy_for(
                 model_dtype(loaded.model)):
             out |= self.kv_quality(name, loaded.model, stream)

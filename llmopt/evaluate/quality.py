@@ -5,6 +5,7 @@ Pure functions over models and token windows; float64 accumulation so small KLDs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -94,15 +95,18 @@ class QualityMeter:
 
 @torch.inference_mode()
 def measure_quality(model, windows: torch.Tensor, baseline=None, batch_size: int = 8,
-                    scored: torch.Tensor | None = None) -> Quality:
+                    scored: torch.Tensor | None = None,
+                    logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Quality:
     """Perplexity of `model` on windows [N, L] (every token but each window's first is predicted, or only the
     predictions marked in `scored` [N, L-1]); with `baseline`, KL-divergence from the baseline's next-token
-    distribution and top-1 agreement on the same predictions."""
+    distribution and top-1 agreement on the same predictions. `logits_of` ([B, L] → [B, L-1, V] float64) scores
+    instead of `model` where another program runs the model (llama.cpp's GGUFScorer)."""
     meter = QualityMeter()
     if scored is None:
         scored = torch.ones(windows.shape[0], windows.shape[1] - 1, dtype=torch.bool)
+    score = logits_of or (lambda x: prediction_logits(model, x))
     for x, keep in zip(batches(windows, batch_size), batches(scored, batch_size), strict=True):
-        logits = prediction_logits(model, x)[keep]  # [K, V]
+        logits = score(x)[keep]  # [K, V]
         base = None if baseline is None else prediction_logits(baseline, x)[keep]
         meter.add(logits, x[:, 1:][keep], base)
     return meter.result()

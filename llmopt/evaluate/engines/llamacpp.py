@@ -1,5 +1,8 @@
-"""`--engine llamacpp`: the model's checkpoint exported to GGUF (llmopt.checkpoint.formats.gguf) and served by
-llama.cpp through llama-cpp-python, one request at a time (like `--engine hf`), timed per output token.
+"""`--engine llamacpp`: the model's checkpoint as GGUF — its own model.gguf (`quantize --format gguf`) when it has
+one, else exported (llmopt.checkpoint.formats.gguf) — served by llama.cpp through llama-cpp-python, one request
+at a time (like `--engine hf`), timed per output token. `GGUFScorer` gives the eval's quality phase llama.cpp's
+logits of the same file, so perplexity and KLD are those of what llama.cpp serves (requantized blocks, F16
+embeddings, llama.cpp's own 8-bit activation rounding in its Q4/Q8 dot products included).
 
 Optional dependency: llama-cpp-python (its install compiles llama.cpp) and gguf. Where the OS does not grant AMX
 tiles, llama.cpp's weight repacking dies with SIGILL: set LLMOPT_LLAMACPP_REPACK=0 (llama.cpp's -nr).
@@ -12,6 +15,9 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from llmopt.errors import LlmoptError
 from llmopt.evaluate.engines import EngineContext
@@ -32,8 +38,51 @@ def _llama_cpp():
 
 
 def check(args: EvalArgs) -> None:
-    if not args.quality_only:
-        _llama_cpp()
+    """Both phases run llama.cpp: perf serves the GGUF file, quality scores it."""
+    _llama_cpp()
+
+
+_EXPORTS: dict[str, tempfile.TemporaryDirectory] = {}  # checkpoint dir → temp dir of its export, kept per process
+
+
+def gguf_file(checkpoint: Path) -> Path:
+    """The GGUF file llama.cpp runs for this checkpoint dir: its own model.gguf, else one export per process
+    (the quality and perf phases share it)."""
+    own = checkpoint / "model.gguf"
+    if own.is_file():
+        return own
+    key = str(checkpoint.resolve())
+    if key not in _EXPORTS:
+        from llmopt.checkpoint.formats.gguf import export_gguf
+
+        tmp = tempfile.TemporaryDirectory(prefix="llmopt-gguf-")
+        export_gguf(checkpoint, Path(tmp.name) / "model.gguf")
+        _EXPORTS[key] = tmp
+    return Path(_EXPORTS[key].name) / "model.gguf"
+
+
+def _load(path: Path, threads: int, seed: int, **kw):
+    llama_cpp = _llama_cpp()
+    with _repack(os.environ.get("LLMOPT_LLAMACPP_REPACK", "1") != "0"):
+        return llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False, **kw)
+
+
+class GGUFScorer:
+    """Next-token logits of token windows from llama.cpp running a GGUF file; a `logits_of` for
+    evaluate.quality.measure_quality."""
+
+    def __init__(self, path: Path, seq_len: int, threads: int, seed: int = 0) -> None:
+        self.llm = _load(path, threads, seed, n_ctx=seq_len, n_batch=seq_len, n_ubatch=seq_len, logits_all=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L] token ids → [B, L-1, V] float64: position p's logits predict token p+1, each window from an
+        empty cache (as the other engines' quality passes)."""
+        rows = []
+        for window in x.tolist():
+            self.llm.reset()
+            self.llm.eval(window)
+            rows.append(torch.from_numpy(np.array(self.llm.scores[:len(window) - 1], dtype=np.float64)))  # [L-1, V]
+        return torch.stack(rows)
 
 
 @contextmanager
@@ -61,16 +110,8 @@ class LlamaCpp:
     warmup_batched = False
 
     def __init__(self, ctx: EngineContext) -> None:
-        from llmopt.checkpoint.formats.gguf import export_gguf
-
-        llama_cpp = _llama_cpp()
-        self._dir = tempfile.TemporaryDirectory(prefix="llmopt-gguf-")
-        gguf_path = Path(self._dir.name) / "model.gguf"
-        export_gguf(Path(ctx.loaded.path), gguf_path)
         n_ctx = max(len(r.prompt) + r.max_tokens for r in ctx.requests) + 8
-        with _repack(os.environ.get("LLMOPT_LLAMACPP_REPACK", "1") != "0"):
-            self.llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_threads=ctx.args.threads,
-                                       n_threads_batch=ctx.args.threads, seed=ctx.args.seed, verbose=False)
+        self.llm = _load(gguf_file(Path(ctx.loaded.path)), ctx.args.threads, ctx.args.seed, n_ctx=n_ctx)
         self.sampling = ctx.args.sampling()
 
     def run(self, requests: list[Request], progress: Counter | None) -> RunOutput:
