@@ -8,17 +8,20 @@ Steps (all files under --work):
      every Linear exactly Q4_0, embeddings/head F16;
   3. llama.cpp's Q4_0 of the same F32 GGUF (llama-quantize, embeddings/head kept F16 too, so only the Linears
      differ);
-  4. llama-perplexity --kl-divergence on 2 and 3, llama-bench (-p 0 -n 64) on 1–3;
-  5. llmopt's own perplexity on the identical chunks (llama-perplexity's scheme: chunks of --ctx tokens, BOS
+  4. with --kquants: llama.cpp's Q4_K_M, and where llama-imatrix is built, its importance matrix over the same
+     number of calibration tokens llmopt's GPTQ used (builtin train split, --ctx-token chunks) for Q4_0 and
+     Q4_K_M — llama.cpp's best RTN-family quantizers, Q4_0 + imatrix at the same file size as GPTQ's;
+  5. llama-perplexity --kl-divergence on every quantized file, llama-bench (-p 0 -n 64) on all;
+  6. llmopt's own perplexity on the identical chunks (llama-perplexity's scheme: chunks of --ctx tokens, BOS
      first, the second half scored), from transformers with the checkpoint's dequantized weights, so the GGUF
      number can be checked against llmopt's.
 
 llama.cpp is not a dependency: build llama-perplexity/llama-bench/llama-quantize and pass --llamacpp-bin.
-`--no-repack` (-nr) is passed because llama.cpp's AMX repacking dies with SIGILL where the OS does not grant
-AMX tiles (the dev sandbox).
+`--no-repack` (-nr) is passed unless --repack: llama.cpp's AMX repacking dies with SIGILL where the OS does not
+grant AMX tiles (the dev sandbox); a build without AMX can repack (its AVX-512 interleaved Q4_0/Q8_0 kernels).
 
 Usage: python bench/llamacpp_compare.py [--model builtin:tiny] [--llamacpp-bin /work/llamacpp/build/bin]
-       [--work /tmp/llamacpp-compare] [--ctx 256] [--chunks N] [--threads 2] [--quantize-args "..."]
+       [--work /tmp/llamacpp-compare] [--ctx 256] [--chunks N] [--threads 2] [--quantize-args "..."] [--kquants]
        [--also CHECKPOINT_DIR ...]
 """
 
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 PY = sys.executable
+NO_REPACK = ["-nr"]  # main() clears it with --repack
 
 
 def run(cmd: list[str], log: Path) -> str:
@@ -47,17 +51,50 @@ def run(cmd: list[str], log: Path) -> str:
     return proc.stdout + proc.stderr
 
 
-def held_out_text(path: Path) -> Path:
+def held_out_text(path: Path, split: str = "test") -> Path:
     from llmopt.calibration.corpus import split_texts
 
-    path.write_text("\n\n".join(split_texts("test")))
+    path.write_text("\n\n".join(split_texts(split)))
     return path
+
+
+def quantize_args_tokens(quantize_args: str) -> int:
+    """Calibration tokens of the GPTQ run: --samples × --seq-len (llmopt quantize's defaults 128 × 256)."""
+    words = quantize_args.split()
+    get = lambda flag, default: int(words[words.index(flag) + 1]) if flag in words else default
+    return get("--samples", 128) * get("--seq-len", 256)
+
+
+def llama_cpp_quants(b: Path, w: Path, f32: Path, args) -> dict[str, Path]:
+    """llama.cpp's own 4-bit files of the F32 GGUF (embeddings and head F16, as llmopt's): Q4_0, and with
+    --kquants Q4_K_M plus imatrix variants where llama-imatrix is built."""
+    def quantize(label: str, stem: str, qtype: str, *extra: str) -> None:
+        files[label] = w / f"{stem}.gguf"
+        run([str(b / "llama-quantize"), *extra, "--token-embedding-type", "f16", "--output-tensor-type", "f16",
+             str(f32), str(files[label]), qtype, str(args.threads)], w / f"quantize-{files[label].stem}.log")
+
+    files: dict[str, Path] = {}
+    quantize("llama.cpp Q4_0", "lcpp-q4_0", "Q4_0")
+    if not args.kquants:
+        return files
+    quantize("llama.cpp Q4_K_M", "lcpp-q4_k_m", "Q4_K_M")
+    if not (b / "llama-imatrix").exists():
+        print(f"no {b / 'llama-imatrix'}: imatrix rows skipped")
+        return files
+    imatrix = w / "imatrix.gguf"
+    chunks = max(1, quantize_args_tokens(args.quantize_args) // args.ctx)
+    run([str(b / "llama-imatrix"), "-m", str(f32), "-f", str(held_out_text(w / "calib.txt", "train")), "-o",
+         str(imatrix), "-c", str(args.ctx), "--chunks", str(chunks), "-t", str(args.threads), *NO_REPACK],
+        w / "imatrix.log")
+    quantize("llama.cpp Q4_0 + imatrix", "lcpp-q4_0-imatrix", "Q4_0", "--imatrix", str(imatrix))
+    quantize("llama.cpp Q4_K_M + imatrix", "lcpp-q4_k_m-imatrix", "Q4_K_M", "--imatrix", str(imatrix))
+    return files
 
 
 def perplexity(binary: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int, log: Path,
                kld: list[str]) -> dict:
     out = run([str(binary / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-b", str(ctx),
-               "--chunks", str(chunks), "-t", str(threads), "-nr", *kld], log)
+               "--chunks", str(chunks), "-t", str(threads), *NO_REPACK, *kld], log)
     result = {}
     m = re.search(r"Final estimate: PPL = ([\d.]+)", out) or re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", out)
     if m:
@@ -71,7 +108,7 @@ def perplexity(binary: Path, gguf: Path, text: Path, ctx: int, chunks: int, thre
 
 def decode_speed(binary: Path, gguf: Path, threads: int, log: Path) -> float:
     out = run([str(binary / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", "64", "-t", str(threads),
-               "--repack", "0", "-r", "5", "-o", "json"], log)
+               *(["--repack", "0"] if NO_REPACK else []), "-r", "5", "-o", "json"], log)
     rows = json.loads(out[out.index("["):out.rindex("]") + 1])
     return float(rows[0]["avg_ts"])
 
@@ -116,10 +153,15 @@ def main() -> None:
                     "model in fp32 scores ~10k tokens in minutes here")
     ap.add_argument("--quantize-args", default="", help="more `llmopt quantize` options for the GPTQ checkpoint, "
                     "e.g. '--samples 32 --seq-len 256' for a ~1B model")
+    ap.add_argument("--repack", action="store_true", help="let llama.cpp repack weights into its interleaved "
+                    "layouts (faster decode; needs a build without AMX, or an OS that grants AMX tiles)")
+    ap.add_argument("--kquants", action="store_true", help="also llama.cpp's Q4_K_M, and imatrix variants")
     ap.add_argument("--also", type=Path, action="append", default=[],
                     help="More llmopt checkpoints of the same model to export and measure (AWQ→Q4_1, int8→Q8_0, "
                          "act-order/g128 → requantized).")
     args = ap.parse_args()
+    if args.repack:
+        NO_REPACK.clear()
     w, b = args.work, args.llamacpp_bin
     w.mkdir(parents=True, exist_ok=True)
     model_dir = resolve(args.model)
@@ -128,7 +170,7 @@ def main() -> None:
     if not ckpt.exists():
         run([PY, "-m", "llmopt", "quantize", args.model, "-o", str(ckpt), "--method", "gptq", "--group-size", "32",
              "--no-evaluate", *args.quantize_args.split()], w / "quantize.log")
-    files = {"F32": w / "f32.gguf", "llmopt GPTQ→Q4_0": w / "llmopt-q4_0.gguf", "llama.cpp Q4_0": w / "lcpp-q4_0.gguf"}
+    files = {"F32": w / "f32.gguf", "llmopt GPTQ→Q4_0": w / "llmopt-q4_0.gguf"}
     run([PY, "-m", "llmopt", "export", str(model_dir), "--float-type", "f32", "--out", str(files["F32"])],
         w / "export-f32.log")
     run([PY, "-m", "llmopt", "export", str(ckpt), "--out", str(files["llmopt GPTQ→Q4_0"])], w / "export-q4.log")
@@ -136,12 +178,12 @@ def main() -> None:
     for label, c in extra.items():
         files[label] = w / f"{c.name}.gguf"
         run([PY, "-m", "llmopt", "export", str(c), "--out", str(files[label])], w / f"export-{c.name}.log")
-    run([str(b / "llama-quantize"), "--token-embedding-type", "f16", "--output-tensor-type", "f16",
-         str(files["F32"]), str(files["llama.cpp Q4_0"]), "Q4_0", str(args.threads)], w / "quantize-lcpp.log")
+    lcpp = llama_cpp_quants(b, w, files["F32"], args)
+    files |= lcpp
     base = w / "f32.logits"
     rows = {"F32": perplexity(b, files["F32"], text, args.ctx, args.chunks, args.threads, w / "ppl-f32.log",
                               ["--kl-divergence-base", str(base)])}
-    for label in ("llmopt GPTQ→Q4_0", "llama.cpp Q4_0", *extra):
+    for label in ("llmopt GPTQ→Q4_0", *lcpp, *extra):
         rows[label] = perplexity(b, files[label], text, args.ctx, args.chunks, args.threads,
                                  w / f"ppl-{files[label].stem}.log", ["--kl-divergence-base", str(base), "--kl-divergence"])
     for label, path in files.items():

@@ -12,17 +12,29 @@ A `+head` variant also quantizes lm_head (llmopt quantize leaves it float unless
 batch-1 decode a float lm_head over a 32k vocabulary is a fixed cost the quantized layers cannot shrink.
 
 Full depth matters: with fewer layers the float lm_head and the per-step fixed costs weigh more than
-they do in any real model. Threads default to torch's default (all cores); --threads 1 shows the
-single-core case, where the int8pack/int4pack kernels are compute-bound (~9 GB/s of weights).
+they do in any real model. Threads default to torch's default (all cores).
+
+Each variant's decode also reads as a weight bandwidth (weight bytes / step time), printed beside a read
+probe of the machine (a sum over 1 GiB of float32 at the same threads).
+
+--llamacpp-bin DIR puts llama.cpp beside each round: every fp32/int8/int4 checkpoint (the builtin tokenizer is
+copied in, so use --vocab 1024 or more) is exported with `llmopt export --float-type f32` — int4 to Q4_0 and int8
+per channel to Q8_0, both exact, embeddings and head F32 as in llmopt's runtime — and `llama-bench -p 0 -n STEPS`
+runs on it in the same rounds, so both engines decode the very same weights. --llamacpp-no-repack passes
+`--repack 0` (where the OS does not grant AMX tiles, an AMX build of llama.cpp dies in its repacking).
 
     python bench/runtime_speed.py [--layers 22] [--threads N] [--prompt 128] [--steps 16] [--rounds 3]
+        [--group-size 128] [--vocab 32000] [--llamacpp-bin DIR [--llamacpp-no-repack]]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,18 +52,18 @@ def build_float(args) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def quantized(model: torch.nn.Module, variant: str, root: Path) -> torch.nn.Module:
+def quantized(model: torch.nn.Module, variant: str, root: Path, group_size: int = 128) -> torch.nn.Module:
     """RTN-quantize every decoder Linear, write a compressed-tensors checkpoint, load it with llmopt's runtime."""
     from transformers import AutoConfig
 
     from llmopt.checkpoint.formats import write_checkpoint
-    from llmopt.quant.rtn import rtn_quantize
     from llmopt.checkpoint.types import QuantArgs
+    from llmopt.quant.rtn import rtn_quantize
     from llmopt.runtime import load_quantized_model
 
     method, _, head = variant.partition("+")
     lm_head = head == "head"
-    qargs = QuantArgs(bits=4, group_size=128) if method == "int4" else QuantArgs(bits=8, group_size=-1)
+    qargs = QuantArgs(bits=4, group_size=group_size) if method == "int4" else QuantArgs(bits=8, group_size=-1)
     qweights = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and (lm_head or name != "lm_head"):
@@ -83,6 +95,50 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[f
     return prefill, statistics.median(step_times)
 
 
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of a float32 sum over `gib` GiB at torch's current threads (median of repeats after one warm-up)."""
+    t = torch.ones(int(gib * 2**30) // 4)
+    t.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - t0)
+    return t.numel() * 4 / statistics.median(times) / 1e9
+
+
+GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
+
+
+def gguf_files(base: torch.nn.Module, variants: list[str], root: Path) -> dict[str, Path]:
+    """variant → GGUF of its checkpoint under root (written by quantized(); fp32 saved here)."""
+    from llmopt.checkpoint.formats.gguf import export_gguf
+    from llmopt.models.loading import ModelSpec, resolve_path
+
+    tokenizer = Path(resolve_path(ModelSpec("builtin:tiny")))
+    files = {}
+    for v in variants:
+        if v not in GGUF_TYPES:
+            print(f"llama.cpp: {v} has no exact GGUF type, not compared")
+            continue
+        ckpt = root / v
+        if v == "fp32":
+            base.save_pretrained(ckpt)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer / name, ckpt / name)
+        files[v] = root / f"{v}.gguf"
+        export_gguf(ckpt, files[v], float_type="f32")
+    return files
+
+
+def llama_bench(binary: Path, gguf: Path, steps: int, threads: int, repack: bool) -> float:
+    """llama.cpp's batch-1 decode tok/s on the file (one repetition after llama-bench's own warm-up)."""
+    cmd = [str(binary / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(steps), "-t", str(threads),
+           "-r", "1", "-o", "json", *([] if repack else ["--repack", "0"])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out[out.index("["):out.rindex("]") + 1])[0]["avg_ts"])
+
+
 def kernel_summary(model: torch.nn.Module) -> str:
     from llmopt.runtime import kernel_report
 
@@ -93,8 +149,6 @@ def kernel_summary(model: torch.nn.Module) -> str:
 
 
 def main() -> None:
-    from llmopt.runtime import weight_bytes
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--hidden", type=int, default=2048)
@@ -108,6 +162,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default="fp32,int4,int8,w8a8,int4+head,int8+head",
                    help="any of fp32, bf16, int4, int8, w8a8, each quantized one optionally with +head")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    p.add_argument("--llamacpp-bin", type=Path, help="llama.cpp's build/bin: run llama-bench on the same weights")
+    p.add_argument("--llamacpp-no-repack", action="store_true", help="pass --repack 0 to llama-bench")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,40 +177,62 @@ def main() -> None:
     n_lin = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     print(f"params: decoder Linears {n_lin / 1e6:.0f}M, lm_head {base.lm_head.weight.numel() / 1e6:.0f}M, "
           f"embeddings {base.model.embed_tokens.weight.numel() / 1e6:.0f}M")
-    models: dict[str, torch.nn.Module] = {}
     with tempfile.TemporaryDirectory(prefix="llmopt-bench-") as tmp:
-        for v in variants:
-            if v == "fp32":
-                models[v] = base
-            elif v == "bf16":
-                models[v] = build_float(args).to(torch.bfloat16)
-            else:
-                models[v] = quantized(base, v, Path(tmp))
-            gc.collect()
+        run_rounds(args, base, variants, Path(tmp))
+
+
+def run_rounds(args, base: torch.nn.Module, variants: list[str], tmp: Path) -> None:
+    from llmopt.runtime import weight_bytes
+
+    models: dict[str, torch.nn.Module] = {}
+    for v in variants:
+        if v == "fp32":
+            models[v] = base
+        elif v == "bf16":
+            models[v] = build_float(args).to(torch.bfloat16)
+        else:
+            models[v] = quantized(base, v, tmp, args.group_size)
+        gc.collect()
+    files = gguf_files(base, variants, tmp) if args.llamacpp_bin else {}
+    threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=g)
     for m in models.values():  # warm-up: allocations, oneDNN primitives for M=1 and M=prompt
         measure(m, prompt, 4)
-    results: dict[str, dict[str, list[float]]] = {v: {"prefill": [], "decode": []} for v in models}
+    results: dict[str, dict[str, list[float]]] = {v: {"prefill": [], "decode": [], "llamacpp": []} for v in models}
+    probe = []
     for _ in range(args.rounds):
+        probe.append(read_bandwidth())
         for v, m in models.items():
             pre, dec = measure(m, prompt, args.steps)
             results[v]["prefill"].append(pre)
             results[v]["decode"].append(dec)
+            if v in files:
+                results[v]["llamacpp"].append(llama_bench(args.llamacpp_bin, files[v], args.steps, threads,
+                                                          not args.llamacpp_no_repack))
 
+    print(f"\nread probe (float32 sum over 1 GiB, {threads} threads): {statistics.median(probe):.1f} GB/s "
+          f"(rounds: {', '.join(f'{b:.1f}' for b in probe)})")
     ref = results.get("fp32")
-    print(f"\n{'variant':10} {'decode tok/s':>13} {'× fp32':>8} {'prefill tok/s':>14} {'× fp32':>8} {'weights MB':>11}")
+    head = f"{'variant':10} {'decode tok/s':>13} {'× fp32':>8} {'weights GB/s':>13} {'prefill tok/s':>14} {'× fp32':>8}"
+    head += f" {'weights MB':>11}" + (f" {'llama.cpp':>16} {'llmopt/llama.cpp':>17}" if files else "")
+    print(head)
     for v, r in results.items():
         dec = statistics.median(r["decode"])
         pre = statistics.median(r["prefill"])
         d_ratio = statistics.median(ref["decode"]) / dec if ref else float("nan")
         p_ratio = statistics.median(ref["prefill"]) / pre if ref else float("nan")
-        print(f"{v:10} {1 / dec:13.2f} {d_ratio:8.2f} {args.prompt / pre:14.1f} {p_ratio:8.2f} "
-              f"{weight_bytes(models[v]) / 1e6:11.0f}")
+        wb = weight_bytes(models[v])
+        line = (f"{v:10} {1 / dec:13.2f} {d_ratio:8.2f} {wb / dec / 1e9:13.1f} {args.prompt / pre:14.1f} "
+                f"{p_ratio:8.2f} {wb / 1e6:11.0f}")
+        if r["llamacpp"]:
+            lc = statistics.median(r["llamacpp"])
+            rounds = ", ".join(f"{(1 / d) / t:.2f}" for d, t in zip(r["decode"], r["llamacpp"]))
+            line += f" {lc:9.2f} {GGUF_TYPES[v]:>6} {(1 / dec) / lc:17.2f}  (rounds {rounds})"
+        print(line)
     for v, m in models.items():
         if v not in ("fp32", "bf16"):
             print(f"kernels {v}: {kernel_summary(m)}")
-
 
 if __name__ == "__main__":
     main()
