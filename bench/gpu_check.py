@@ -69,6 +69,8 @@ STEPS = (
     Step("runtime_decode", "quantized checkpoints through llmopt's runtime: batch-1/16 decode tok/s vs bf16", 120),
     Step("engine", "llmopt engine vs generate vs transformers continuous batching, cuda fp32: greedy tokens equal",
          150),
+    Step("flex_decode", "engine decode through FlexAttention's block mask vs the gathered masked SDPA, cuda bf16: "
+         "tokens, tok/s, the path auto took", 150),
     Step("eval_util", "llmopt eval --perf-only on cuda: perf.utilization (NVML GPU util %, memory used)", 120),
     Step("distill", "llmopt distill 50 steps on cuda (bf16 autocast): loss falling", 150),
     Step("sdpa_backends", "SDPA backend each attention call chose (flash/efficient/cudnn/math), prefill + decode", 90),
@@ -366,6 +368,34 @@ def step_engine(work: Path) -> dict:
     return {"ok": same, "summary": " | ".join(lines), "greedy_equal": same}
 
 
+def step_flex_decode(work: Path) -> dict:
+    """auto (FlexAttention where its probe passes) against the gathered path, 16 requests at 512–1,024 tokens of
+    context, bf16, greedy; interleaved, the faster of 2 runs each."""
+    from llmopt.calibration.data import DataSpec, load_texts, token_stream
+    from llmopt.engine import EngineConfig
+    from llmopt.evaluate.perf import Sampling, run_llmopt
+    from llmopt.evaluate.workload import WorkloadSpec, make_workload
+    from llmopt.models import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(str(work / "llama1b"), DEVICE, "bfloat16", False))
+    requests = make_workload(token_stream(load_texts(DataSpec(), "test"), loaded.tokenizer),
+                             WorkloadSpec(16, (512, 960), (32, 64), seed=0))
+    runs: dict[str, list] = {"auto": [], "gathered": []}
+    for _ in range(3):  # the first round warms up (and compiles the flex kernel)
+        for path, done in runs.items():
+            done.append(run_llmopt(loaded.model, requests, EngineConfig(2 ** 31, decode_attention=path), Sampling()))
+    best = {p: max(r[1:], key=lambda o: o.metrics.output_tokens_per_s) for p, r in runs.items()}
+    att = best["auto"].attention
+    same = sum(a == b for a, b in zip(best["auto"].outputs, best["gathered"].outputs))
+    tps = {p: o.metrics.output_tokens_per_s for p, o in best.items()}
+    why = att.note or ("probe passed" if att.decode_path == "flex" else "the CPU rule, no probe")
+    summary = (f"auto took decode path {att.decode_path} ({why}): {tps['auto']:.0f} tok/s vs "
+               f"gathered {tps['gathered']:.0f} ({tps['auto'] / tps['gathered']:.2f}×); greedy tokens equal "
+               f"{same}/{len(requests)} (bf16: batched rounding may flip near-ties)")
+    return {"ok": att.decode_path == "flex", "summary": summary, "attention": att.to_dict(), "tok_s": tps,
+            "greedy_equal": same}
+
+
 def step_eval_util(work: Path) -> dict:
     out = work / "eval.json"
     rc, text, _ = _cli("eval", str(work / "llama1b"), "--perf-only", "--device", DEVICE, "--num-requests", "16",
@@ -457,7 +487,7 @@ def step_sdpa_backends(work: Path) -> dict:
 
 
 def run_child(name: str, work: Path) -> int:
-    steps = {"build_model": step_build_model, "runtime_decode": step_runtime_decode, "engine": step_engine,
+    steps = {"build_model": step_build_model, "runtime_decode": step_runtime_decode, "engine": step_engine, "flex_decode": step_flex_decode,
              "eval_util": step_eval_util, "distill": step_distill, "sdpa_backends": step_sdpa_backends}
     steps |= {f"quantize_{m}": (lambda w, m=m: step_quantize(w, m, False)) for m in QUANT_METHODS}
     steps["quantize_gptq_stream"] = lambda w: step_quantize(w, "gptq", True)

@@ -149,6 +149,11 @@ def _model_notes(r: dict, baseline: str | None) -> list[str]:
     if u and u.get("cpu_percent"):
         notes.append(f"{r['model']}: utilisation over the timed runs ({u['samples']} samples every "
                   f"{u['interval_s']} s): {utilization_line(u)}")
+    a = r["perf"].get("attention")
+    if a:
+        taken = ", ".join(f"{k} ×{n}" for k, n in a["counts"].items())
+        notes.append(f"{r['model']}: attention (decode path {a['decode_path']}): {taken}"
+                     + (f"; {a['note']}" if a.get("note") else ""))
     if r["quality"].get("tasks"):
         notes.append(f"{r['model']}: tasks {json.dumps(r['quality']['tasks'])}")
     g = r["quality"].get("generation")

@@ -18,8 +18,10 @@ latent is expanded inside the HF module, before the attention interface is calle
 Decode queries read the cache in place (`PagedKVCache.attend_in_place`): a sequence's visible keys are a few runs of
 consecutive pool slots (`KeyRun`), attended as views of the pool, so a step does not copy the history. Short
 histories in a large batch are cheaper gathered into one padded batch for one SDPA call (`PagedKVCache.read`);
-model_runner.read_in_place picks by a fixed rule. Chunks after the first and verification chunks gather their
-sequence's blocks.
+model_runner.read_in_place picks by a fixed rule. On CUDA decode goes through FlexAttention with a block mask over
+the pool (flex_decode.py: no gather, no token-level mask) where its start-up probe passes, else gathered. Chunks
+after the first and verification chunks gather their sequence's blocks; a fresh prompt is SDPA with is_causal
+(no mask tensor: the flash kernel on CUDA).
 
 The cache stores K/V in the engine's --kv-dtype (kv_format.py): a float dtype, or 8-bit codes (int8, fp8_e4m3)
 with a scale per (token, kv head) in scale pools beside the pages. New tokens are quantized as they are
@@ -47,6 +49,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llmopt.engine import flex_decode
+from llmopt.engine.flex_decode import FlexRows
 from llmopt.engine.kv_format import (
     KVFormat,
     codes_to,
@@ -241,6 +245,7 @@ class DecodeRows:
     runs: dict[Window, list[list[KeyRun]]] | None = None  # in place: per window, per sequence, its visible keys
     tables: torch.Tensor | None = None  # gathered: [Bd, nb] long, padded (and freed blocks mapped) to block 0
     masks: dict[Window, torch.Tensor] = field(default_factory=dict)  # gathered: [Bd, 1, 1, nb·bs] bool, True = attend
+    flex: FlexRows | None = None  # flex: per window a BlockMask over the pool (flex_decode.py)
 
 
 @dataclass(slots=True)
@@ -373,10 +378,13 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     if rows is not None:
         bd = rows.count
         q = query[0, :, :bd].transpose(0, 1)  # [Bd, H, Dk]
+        scale = q.shape[-1] ** -0.5 if scaling is None else scaling
         if rows.runs is not None:
-            scale = q.shape[-1] ** -0.5 if scaling is None else scaling
             for i, runs in enumerate(rows.runs[spec.window]):
                 out[i] = cache.attend_in_place(layer, q[i], runs, scale, spec.softcap)
+        elif rows.flex is not None:  # the pool holds the query's dtype (model_runner.resolve_decode_attention)
+            out[:bd] = flex_decode.attend(q, _flat(cache.k[layer]), _flat(cache.v[layer]), rows.flex, spec.window,
+                                          scale, spec.softcap)
         else:
             k, v = cache.read(layer, rows.tables, q.dtype)  # [Bd, Hkv, S, Dk], [Bd, Hkv, S, Dv]
             out[:bd] = _attend(q.unsqueeze(2), k, v, rows.masks[spec.window], scaling, spec.softcap)[:, :, 0]

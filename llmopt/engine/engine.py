@@ -18,9 +18,10 @@ from llmopt.engine.attention import PagedKVCache, kv_bytes_per_token
 from llmopt.engine.block_manager import BlockManager, blocks_for
 from llmopt.engine.kv_format import KVFormat, check_kv_dtype, resolve_kv_format
 from llmopt.engine.model_runner import (
-    ModelRunner,
+    DECODE_ATTENTION,
     common_window,
     inspect_attention,
+    make_runner,
     paged_attention_enabled,
 )
 from llmopt.engine.sampling import SamplingParams, sample_rows
@@ -38,9 +39,16 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_blocks: int | None = None  # never allocate more blocks than this (e.g. what a workload can use)
     kv_dtype: str = "auto"  # how the cache stores K/V (kv_format.KV_DTYPES); auto = the model's dtype
+    # how decode reads the pool (model_runner.DECODE_ATTENTION): auto = the CPU's in-place/gathered rule, on CUDA
+    # FlexAttention where its probe passes; in-place, gathered, flex force one path (flex on a CPU runs torch's
+    # eager reference: for checking the CUDA path's tokens, not for speed)
+    decode_attention: str = "auto"
 
     def __post_init__(self) -> None:
         check_kv_dtype(self.kv_dtype)
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise LlmoptError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)} "
+                              f"(got {self.decode_attention!r})")
         if self.block_size < 1:
             raise LlmoptError(f"--block-size must be ≥ 1 (got {self.block_size})")
         if self.kv_budget < 1:
@@ -102,7 +110,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, common_window(self.specs))
         static = self._static_kv_scales(model)
         self.cache = PagedKVCache.allocate(self.specs, num_blocks, config.block_size, self.kv_format, device, static)
-        self.runner = ModelRunner(model, self.specs, self.cache, self.blocks)
+        self.runner = make_runner(model, self.specs, self.cache, self.blocks, config.decode_attention)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens))
         self.max_context = max_context(model)
         self.sequences: list[Sequence] = []
@@ -228,6 +236,12 @@ class LLMEngine:
             self.blocks.release(seq)
         return torch.cat(rows)  # [L, V]
 
+    def attention_stats(self) -> AttentionStats:
+        counts = dict(self.runner.counts)
+        if self.speculator is not None:
+            counts.update({f"draft {k}": n for k, n in self.speculator.runner.counts.items()})
+        return AttentionStats(self.runner.decode_path, counts, self.runner.note)
+
     def kv_stats(self) -> KVStats:
         st = self.blocks.stats
         per_block = self.cache.bytes_per_block
@@ -235,6 +249,19 @@ class LLMEngine:
         return KVStats(st.block_size, st.num_blocks, self.cache.total_bytes, st.peak_blocks, st.peak_tokens,
                        st.peak_blocks * per_block, formula, st.peak_blocks * per_block - formula,
                        self.scheduler.num_preemptions, self.kv_format.name, self.kv_scales_used)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionStats:
+    """How the engine's steps attended (the eval report's `perf.attention`)."""
+
+    decode_path: str  # the configured read path: rule (CPU: in place or gathered per batch), in-place, gathered, flex
+    counts: dict[str, int]  # decode steps per path taken ("decode in-place" …), prompt chunks ("prefill is_causal",
+    #                         "prefill masked"), the draft's prefixed "draft "
+    note: str | None = None  # why auto did not take FlexAttention on an accelerator
+
+    def to_dict(self) -> dict:
+        return {"decode_path": self.decode_path, "counts": dict(sorted(self.counts.items())), "note": self.note}
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -247,4 +274,4 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | list[Samp
     return [s.output for s in engine.run()]
 
 
-__all__ = ["EngineConfig", "KVStats", "LLMEngine", "Status", "generate"]
+__all__ = ["AttentionStats", "EngineConfig", "KVStats", "LLMEngine", "Status", "generate"]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from llmopt.engine import flex_decode
 from llmopt.engine.adapters import adapted, refuse
 from llmopt.engine.attention import (
     AttentionProbe,
@@ -29,7 +30,7 @@ from llmopt.engine.attention import (
 from llmopt.engine.block_manager import FREED, BlockManager
 from llmopt.engine.sequence import Sequence
 from llmopt.errors import LlmoptError
-from llmopt.utils import text_config
+from llmopt.utils import dtype_name, text_config
 
 _SERVED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
@@ -129,14 +130,64 @@ def _gatherable(table: list[int]) -> list[int]:
     return [0 if b == FREED else b for b in table]
 
 
+DECODE_ATTENTION = ("auto", "in-place", "gathered", "flex")
+
+
+def resolve_decode_attention(choice: str, specs: list[LayerSpec], cache: PagedKVCache, dtype: torch.dtype,
+                             block_size: int, heads: int) -> tuple[str, str | None]:
+    """The decode read path a runner uses for `choice` (EngineConfig.decode_attention), and for auto on CUDA why
+    FlexAttention was not taken. auto: the CPU's fixed rule (`rule`: in place or gathered per batch); on CUDA flex
+    when its one-time probe matches SDPA and the pool holds the query's dtype, else gathered. An explicit flex that
+    cannot serve this cache is a one-line error."""
+    if choice not in DECODE_ATTENTION:
+        raise LlmoptError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)} (got {choice!r})")
+    device = cache.k[0].device
+    if choice in ("in-place", "gathered") or (choice == "auto" and device.type == "cpu"):
+        return ("rule" if choice == "auto" else choice), None
+    why = None
+    if cache.fmt.scaled:
+        why = f"a {cache.fmt.name} KV cache (its V scales multiply the probabilities)"
+    elif cache.fmt.dtype != dtype:
+        why = f"a {cache.fmt.name} KV cache under {dtype_name(dtype)} queries (a whole-pool cast)"
+    for k_dim, v_dim in sorted({(s.k_head_dim, s.v_head_dim) for s in specs}):
+        if why is None:
+            kv_heads = max(s.kv_heads for s in specs if (s.k_head_dim, s.v_head_dim) == (k_dim, v_dim))
+            why = flex_decode.probe(device, dtype, heads, kv_heads, k_dim, v_dim, block_size)
+    if why is None:
+        return "flex", None
+    if choice == "flex":
+        raise LlmoptError(f"FlexAttention decode cannot serve {why}: use decode attention auto or gathered")
+    return "gathered", f"FlexAttention not used: {why}"
+
+
+def make_runner(model, specs: list[LayerSpec], cache: PagedKVCache, blocks: BlockManager,
+                choice: str) -> ModelRunner:
+    """A runner whose decode read path is `choice` resolved for this model, cache and device."""
+    config = _text_config(model)
+    heads = getattr(config, "num_attention_heads", None) or max(s.kv_heads for s in specs)
+    dtype = model.get_input_embeddings().weight.dtype
+    path, note = resolve_decode_attention(choice, specs, cache, dtype, blocks.block_size, heads)
+    runner = ModelRunner(model, specs, cache, blocks, path)
+    runner.note = note
+    return runner
+
+
 class ModelRunner:
-    def __init__(self, model, specs: list[LayerSpec], cache: PagedKVCache, blocks: BlockManager) -> None:
+    def __init__(self, model, specs: list[LayerSpec], cache: PagedKVCache, blocks: BlockManager,
+                 decode_path: str = "rule") -> None:
         self.model = model
         self.specs = specs
         self.windows: list[Window] = sorted({s.window for s in specs}, key=lambda w: w or 0)
         self.cache = cache
         self.blocks = blocks
         self.device = cache.k[0].device
+        self.decode_path = decode_path  # resolve_decode_attention's answer
+        self.note: str | None = None  # why auto did not take FlexAttention (make_runner)
+        # what the steps did, for the eval report: decode steps per read path, prompt chunks by attention kind
+        self.counts: dict[str, int] = {}
+
+    def _count(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -179,10 +230,16 @@ class ModelRunner:
         """Where each decode query's visible keys are: runs of pool slots per window (read in place), or, where
         read_in_place says gathering is faster, a padded block table and masks shared by every layer."""
         bs = self.blocks.block_size
-        if read_in_place(self.device, [s.num_computed + 1 for s in decode]):
+        path = self.decode_path
+        if path == "rule":
+            path = "in-place" if read_in_place(self.device, [s.num_computed + 1 for s in decode]) else "gathered"
+        self._count(f"decode {path}")
+        if path == "in-place":
             runs = {w: [key_runs(s.block_table, bs, _first_visible(s.num_computed, w), s.num_computed)
                         for s in decode] for w in self.windows}
             return DecodeRows(len(decode), runs=runs)
+        if path == "flex":
+            return DecodeRows(len(decode), flex=self._flex_rows(decode))
         lo = min(self.blocks.first_live(s) for s in decode)  # leading blocks no decode query sees
         nb = max(len(s.block_table) for s in decode) - lo
         tables = self._tensor([_gatherable(s.block_table[lo:]) + [0] * (nb + lo - len(s.block_table))
@@ -194,6 +251,15 @@ class ModelRunner:
                  for w in self.windows}
         return DecodeRows(len(decode), tables=tables, masks=masks)
 
+    def _flex_rows(self, decode: list[Sequence]) -> flex_decode.FlexRows:
+        """Each decode row's live blocks (−1 padded) and logical index of the first, for flex_decode.block_masks."""
+        firsts = [self.blocks.first_live(s) for s in decode]
+        nb = max(len(s.block_table) - f for s, f in zip(decode, firsts))
+        tables = self._tensor([s.block_table[f:] + [-1] * (nb - len(s.block_table) + f)
+                               for s, f in zip(decode, firsts)]).view(len(decode), nb)  # [Bd, nb]
+        return flex_decode.block_masks(tables, self._tensor(firsts), self._tensor([s.num_computed for s in decode]),
+                                       self.blocks.stats.num_blocks, self.blocks.block_size, self.windows)
+
     def prepare_prefill(self, chunks: list[tuple[Sequence, int]], offset: int) -> list[Segment]:
         """One Segment per prompt (or verification) chunk, packed after the `offset` decode tokens. A chunk
         that starts at position 0 attends to its own new keys; a later one gathers its sequence's live blocks
@@ -204,7 +270,9 @@ class ModelRunner:
             start = seq.num_computed
             first_key = self.blocks.first_live(seq) * bs
             table = self._tensor(_gatherable(seq.block_table[first_key // bs:])) if start else None
-            segments.append(Segment(offset, n, start + n - first_key, table, self._segment_masks(first_key, start, n)))
+            masks = self._segment_masks(first_key, start, n)
+            self._count("prefill masked" if any(m is not None for m in masks.values()) else "prefill is_causal")
+            segments.append(Segment(offset, n, start + n - first_key, table, masks))
             offset += n
         return segments
 

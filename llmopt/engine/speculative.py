@@ -22,7 +22,7 @@ from llmopt.engine.attention import PagedKVCache
 from llmopt.engine.block_manager import BlockManager
 from llmopt.engine.engine import LLMEngine, model_dtype
 from llmopt.engine.kv_format import resolve_kv_format
-from llmopt.engine.model_runner import ModelRunner, common_window, inspect_attention
+from llmopt.engine.model_runner import common_window, inspect_attention, make_runner
 from llmopt.engine.sampling import probs, sample_rows
 from llmopt.engine.sequence import Sequence
 from llmopt.errors import LlmoptError
@@ -99,7 +99,7 @@ class Speculator:
         fmt = resolve_kv_format(engine.config.kv_dtype, model_dtype(draft_model))
         self.cache = PagedKVCache.allocate(specs, n, engine.blocks.block_size, fmt,
                                            draft_model.get_input_embeddings().weight.device)
-        self.runner = ModelRunner(draft_model, specs, self.cache, self.blocks)
+        self.runner = make_runner(draft_model, specs, self.cache, self.blocks, engine.config.decode_attention)
         self.mirrors: dict[int, Sequence] = {}
         self.stats = SpecStats()
 

@@ -136,7 +136,7 @@ class EvalRunner:
                 self._check_judge(prompts)
             else:
                 self.detector = PhraseDetector()
-        self.texts
+        _ = self.texts  # load the eval data now: a bad --data fails before any model loads
 
     def _check_judge(self, prompts: list[str]) -> None:
         """The judge must load its tokenizer and hold a judge prompt with a whole generation in its context."""
@@ -178,7 +178,7 @@ class EvalRunner:
         perf = {"engine": a.engine, "threads": torch.get_num_threads(), "repeats": None,
                 "output_tokens_per_s": None, "total_tokens_per_s": None, "requests_per_s": None,
                 "ttft_ms": None, "tpot_ms": None, "itl_ms": None, "e2el_ms": None,
-                "cost_per_1k_output_tokens": None, "utilization": None}
+                "cost_per_1k_output_tokens": None, "utilization": None, "attention": None}
         memory = {"weight_bytes": weight_bytes(loaded.model), "kv_bytes_allocated": None, "kv_bytes_formula": None,
                   "kv_waste_bytes": None}
         if a.engine == "llamacpp":  # llama.cpp maps the GGUF file: its bytes are the weights it serves
@@ -297,7 +297,8 @@ class EvalRunner:
                 "cost_per_1k_output_tokens": cost_per_1k_output_tokens(a.price_per_hour, m["output_tokens_per_s"]),
                 "num_requests": m["num_requests"], "input_tokens": m["input_tokens"],
                 "output_tokens": m["output_tokens"], "duration_s": m["duration_s"], "spread": s.spread,
-                "utilization": sampler.result.to_dict()}
+                "utilization": sampler.result.to_dict(),
+                "attention": runs[-1].attention.to_dict() if runs[-1].attention is not None else None}
         layers, _, kv_heads, head_dim = attention_shape(loaded.model.config)
         el = loaded.model.get_input_embeddings().weight.element_size()
         kv = runs[-1].kv

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from llmopt.engine import EngineConfig, LLMEngine, SamplingParams
-from llmopt.engine.engine import KVStats
+from llmopt.engine.engine import AttentionStats, KVStats
 from llmopt.engine.speculative import SpecStats, attach_draft
 from llmopt.evaluate.metrics import PerfMetrics, RequestTiming, compute_metrics
 from llmopt.evaluate.workload import Request
@@ -37,6 +37,7 @@ class RunOutput:
     outputs: list[list[int]]
     kv: KVStats | None = None
     spec: SpecStats | None = None
+    attention: AttentionStats | None = None  # llmopt's engine: which attention path its steps took
 
 
 def warmup_requests(requests: list[Request], batched: bool) -> list[Request]:
@@ -58,7 +59,7 @@ def run_llmopt(model, requests: list[Request], config: EngineConfig, sampling: S
     duration = max(t for s in seqs for t in s.token_times)
     timings = [RequestTiming(s.arrival, len(s.prompt), s.token_times) for s in seqs]
     return RunOutput(compute_metrics(timings, duration), [s.output for s in seqs], engine.kv_stats(),
-                     spec.stats if spec else None)
+                     spec.stats if spec else None, engine.attention_stats())
 
 
 class _TokenClock:

@@ -67,11 +67,20 @@ def reference():
     return _reference
 
 
-@pytest.fixture(params=["gathered", "in place"])
+@pytest.fixture(params=["gathered", "in place", "flex"])
 def read_path(request, monkeypatch):
-    """Run the test with every decode step reading the KV cache one way: gathered into a padded batch, or in place
-    (the rule in model_runner.read_in_place picks by context length; the tests' contexts are short)."""
+    """Run the test with every decode step reading the KV cache one way: gathered into a padded batch, in place
+    (the rule in model_runner.read_in_place picks by context length; the tests' contexts are short), or through
+    FlexAttention's block mask (CUDA's default; eager here), which auto turns into where it can serve the cache."""
     from llmopt.engine import model_runner
 
     monkeypatch.setattr(model_runner, "read_in_place", lambda device, contexts: request.param == "in place")
+    if request.param == "flex":
+        resolve = model_runner.resolve_decode_attention
+
+        def flex_when_auto(choice, specs, cache, dtype, *args):
+            servable = choice == "auto" and not cache.fmt.scaled and cache.fmt.dtype == dtype
+            return resolve("flex" if servable else choice, specs, cache, dtype, *args)
+
+        monkeypatch.setattr(model_runner, "resolve_decode_attention", flex_when_auto)
     return request.param

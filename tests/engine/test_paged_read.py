@@ -12,12 +12,9 @@ import torch
 from llmopt.engine.attention import KeyRun, LayerSpec, PagedKVCache, key_runs
 from llmopt.engine.kv_format import dequantize, fp8_dtype, resolve_kv_format
 from llmopt.engine.model_runner import IN_PLACE_MIN_CONTEXT, read_in_place
+from tests.helpers.attention import reference_attention, slots_of
 
 FORMATS = ["float32", "bfloat16", "int8"] + (["fp8_e4m3"] if fp8_dtype() is not None else [])
-
-
-def slots_of(table: list[int], bs: int, first: int, last: int) -> list[int]:
-    return [table[p // bs] * bs + p % bs for p in range(first, last + 1)]
 
 
 @pytest.mark.parametrize("seed", range(200))
@@ -39,18 +36,6 @@ def test_one_prefilled_sequence_is_one_run_plus_its_grown_block():
     table = list(range(10, 18)) + [40]  # prefilled into 8 consecutive blocks, then grew by block 40
     assert key_runs(table, 4, 0, 32) == [KeyRun(40, 32), KeyRun(160, 1)]
     assert key_runs(table, 4, 30, 32) == [KeyRun(70, 2), KeyRun(160, 1)]  # a window of 3 keys
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        softcap: float | None) -> torch.Tensor:
-    """q [H, Dk], k [S, Hkv, Dk], v [S, Hkv, Dv] (float64) → [H, Dv], query head h on kv head h // G."""
-    h, hkv = q.shape[0], k.shape[1]
-    kk = k.repeat_interleave(h // hkv, dim=1)  # [S, H, Dk]
-    vv = v.repeat_interleave(h // hkv, dim=1)
-    s = torch.einsum("hd,shd->hs", q, kk) * scale  # [H, S]
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    return torch.einsum("hs,shd->hd", s.softmax(-1), vv)
 
 
 def stored(cache: PagedKVCache, kv: int, layer: int, slots: list[int]) -> torch.Tensor:

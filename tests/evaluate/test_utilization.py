@@ -1,4 +1,5 @@
-"""perf.utilization: the sampler's statistics (pure), and the figure in `llmopt eval --json` on CPU."""
+"""perf.utilization: the sampler's statistics (pure), and the figure in `llmopt eval --json` on CPU (with
+perf.attention, the engine's attention paths, from the same run)."""
 
 import json
 import os
@@ -63,3 +64,10 @@ def test_eval_json_has_utilization_on_cpu(tiny_model_dir, tmp_path):
     assert u["cpu_percent"]["p50"] <= u["cpu_percent"]["p95"]
     assert "cpu_percent_mean" in c.read_text().splitlines()[0]
     assert "utilisation over the timed runs" in r.output
+    # which attention path the engine's steps took (perf.attention), from the engine's own counts
+    a = json.loads(j.read_text())["results"][0]["perf"]["attention"]
+    assert a["decode_path"] == "rule" and a["note"] is None
+    assert sum(n for k, n in a["counts"].items() if k.startswith("decode ")) > 0
+    assert a["counts"]["prefill is_causal"] >= 1 and set(a["counts"]) <= {
+        "decode in-place", "decode gathered", "prefill is_causal", "prefill masked"}
+    assert "attention (decode path rule): " in r.output
