@@ -42,6 +42,10 @@ def evaluate(
                                           "dtype), float32, bfloat16, float16, int8 or fp8_e4m3 (8-bit codes with a "
                                           "scale per token and kv head; quality.kv_* measures them against float "
                                           "KV).")] = "auto",
+    decode_attention: Annotated[str, typer.Option("--decode-attention", help="How llmopt's engine reads the paged "
+                                                  "KV at decode: auto (CPU: in place or gathered by a fixed rule; "
+                                                  "CUDA: FlexAttention when its probe matches SDPA, else gathered), "
+                                                  "in-place, gathered or flex.")] = "auto",
     max_prefill_tokens: Annotated[int, typer.Option("--max-prefill-tokens", help="Prompt tokens prefilled per "
                                                     "step (lower: better ITL tail, worse TTFT).")] = 1024,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Most requests running at once.")] = 256,
@@ -92,6 +96,7 @@ def evaluate(
                     num_requests=num_requests, prompt_len=prompt_len, output_len=output_len, request_rate=request_rate,
                     seed=seed, engine=engine, tp=tp, draft=draft, spec_tokens=spec_tokens, temperature=temperature,
                     top_k=top_k, top_p=top_p, kv_budget=kv_budget, block_size=block_size, kv_dtype=kv_dtype,
+                    decode_attention=decode_attention,
                     max_prefill_tokens=max_prefill_tokens, max_num_seqs=max_num_seqs, threads=threads,
                     repeats=repeats, warmup=warmup, seq_len=seq_len, stride=stride, quality_tokens=quality_tokens,
                     tasks=task_list, task_limit=task_limit, prompts=prompts, gen_tokens=gen_tokens,

@@ -250,7 +250,8 @@ class EvalRunner:
     def _generator(self, loaded, chat_template: bool, kv_dtype: str = "auto"):
         a = self.args
         return engine_generator(loaded.model, loaded.tokenizer, parse_kv_budget(a.kv_budget, loaded.device),
-                                a.block_size, a.max_prefill_tokens, a.max_num_seqs, chat_template, kv_dtype)
+                                a.block_size, a.max_prefill_tokens, a.max_num_seqs, chat_template, kv_dtype,
+                                a.decode_attention)
 
     def _generate(self, name: str, loaded) -> ModelGenerations:
         assert self.prompt_set is not None and self.detector is not None

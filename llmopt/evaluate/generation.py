@@ -123,14 +123,15 @@ def check_fits(prompts: list[str], tokenizer, chat_template: bool, gen_tokens: i
 
 
 def engine_generator(model, tokenizer, kv_budget: int, block_size: int, max_prefill_tokens: int, max_num_seqs: int,
-                     chat_template: bool, kv_dtype: str = "auto") -> TextGenerator:
+                     chat_template: bool, kv_dtype: str = "auto", decode_attention: str = "auto") -> TextGenerator:
     """A TextGenerator over llmopt's engine: all prompts at once (continuous batching), stopping at EOS."""
 
     def generate(prompts: list[str], params: list[SamplingParams]) -> list[Generated]:
         ids = [render(tokenizer, p, chat_template) for p in prompts]
         config = EngineConfig(kv_budget, block_size, max_prefill_tokens, max_num_seqs,
                               max_blocks=sum(blocks_for(len(x) + sp.max_tokens, block_size)
-                                             for x, sp in zip(ids, params)), kv_dtype=kv_dtype)
+                                             for x, sp in zip(ids, params)), kv_dtype=kv_dtype,
+                              decode_attention=decode_attention)
         engine = LLMEngine(model, config, tokenizer.eos_token_id)
         for x, sp in zip(ids, params):
             engine.add(x, sp)

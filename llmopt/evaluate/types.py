@@ -33,6 +33,7 @@ class EvalArgs:
     max_prefill_tokens: int = 1024
     max_num_seqs: int = 256
     kv_dtype: str = "auto"  # how llmopt's engine caches K/V (llmopt.engine.kv_format.KV_DTYPES)
+    decode_attention: str = "auto"  # llmopt's decode read path (llmopt.engine.model_runner.DECODE_ATTENTION)
     threads: int | None = None  # None: llmopt.utils.default_threads() (the faster of 1 and all cores, probed)
     repeats: int = 3
     warmup: bool = True
@@ -99,6 +100,13 @@ class EvalArgs:
         if self.kv_dtype != "auto" and self.engine != "llmopt":
             raise LlmoptError(f"--kv-dtype {self.kv_dtype} sets llmopt's paged KV cache: --engine {self.engine} keeps "
                               f"its own (use --engine llmopt, or drop --kv-dtype)")
+        from llmopt.engine.model_runner import DECODE_ATTENTION
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise LlmoptError(f"--decode-attention must be one of {', '.join(DECODE_ATTENTION)} "
+                              f"(got {self.decode_attention!r})")
+        if self.decode_attention != "auto" and self.engine != "llmopt":
+            raise LlmoptError(f"--decode-attention sets llmopt's engine: --engine {self.engine} has its own "
+                              f"attention (use --engine llmopt, or drop --decode-attention)")
         if self.block_size < 1 or self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
             raise LlmoptError("--block-size, --max-prefill-tokens and --max-num-seqs must be ≥ 1")
 

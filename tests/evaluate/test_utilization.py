@@ -71,3 +71,17 @@ def test_eval_json_has_utilization_on_cpu(tiny_model_dir, tmp_path):
     assert a["counts"]["prefill is_causal"] >= 1 and set(a["counts"]) <= {
         "decode in-place", "decode gathered", "prefill is_causal", "prefill masked"}
     assert "attention (decode path rule): " in r.output
+
+
+def test_eval_decode_attention_option(tiny_model_dir, tmp_path):
+    """--decode-attention reaches the engine (the JSON reports the path every decode step took) and is refused,
+    exit 2, where it cannot apply."""
+    j = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["eval", str(tiny_model_dir), *FAST, "--decode-attention", "flex", "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    a = json.loads(j.read_text())["results"][0]["perf"]["attention"]
+    assert a["decode_path"] == "flex" and set(a["counts"]) & {"decode in-place", "decode gathered"} == set()
+    assert a["counts"]["decode flex"] > 0
+    for bad in (["--decode-attention", "paged"], ["--decode-attention", "gathered", "--engine", "hf"]):
+        r = CliRunner().invoke(app, ["eval", str(tiny_model_dir), *FAST, *bad])
+        assert r.exit_code == 2 and "--decode-attention" in r.output, r.output

@@ -19,7 +19,8 @@ class PagedEngine:
         # the pool never needs more blocks than the whole workload at full length
         max_blocks = sum(blocks_for(len(r.prompt) + r.max_tokens, a.block_size) for r in ctx.requests)
         self.config = EngineConfig(parse_kv_budget(a.kv_budget, loaded.device), a.block_size, a.max_prefill_tokens,
-                                   a.max_num_seqs, max_blocks=max_blocks, kv_dtype=a.kv_dtype)
+                                   a.max_num_seqs, max_blocks=max_blocks, kv_dtype=a.kv_dtype,
+                                   decode_attention=a.decode_attention)
         self.model, self.draft, self.spec_tokens = loaded.model, ctx.draft, a.spec_tokens
         self.sampling = a.sampling()
         self.eos = loaded.tokenizer.eos_token_id
