@@ -20,7 +20,9 @@ probe of the machine (a sum over 1 GiB of float32 at the same threads).
 --llamacpp-bin DIR puts llama.cpp beside each round: every fp32/int8/int4 checkpoint (the builtin tokenizer is
 copied in, so use --vocab 1024 or more) is exported with `llmopt export --float-type f32` — int4 to Q4_0 and int8
 per channel to Q8_0, both exact, embeddings and head F32 as in llmopt's runtime — and `llama-bench -p 0 -n STEPS`
-runs on it in the same rounds, so both engines decode the very same weights. --llamacpp-no-repack passes
+runs on it in the same rounds, so both engines decode the very same weights. w8a8 (the int8 weights, activations
+quantized per token at run time) is set beside the same Q8_0 file: llama.cpp's Q8_0 dot products also quantize
+the activations to 8 bits (blocks of 32), so that pair does the same kind of arithmetic. --llamacpp-no-repack passes
 `--repack 0` (where the OS does not grant AMX tiles, an AMX build of llama.cpp dies in its repacking).
 
     python bench/runtime_speed.py [--layers 22] [--threads N] [--prompt 128] [--steps 16] [--rounds 3]
@@ -107,7 +109,7 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return t.numel() * 4 / statistics.median(times) / 1e9
 
 
-GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
+GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0", "w8a8": "Q8_0"}
 
 
 def gguf_files(base: torch.nn.Module, variants: list[str], root: Path) -> dict[str, Path]:
@@ -117,9 +119,15 @@ def gguf_files(base: torch.nn.Module, variants: list[str], root: Path) -> dict[s
 
     tokenizer = Path(resolve_path(ModelSpec("builtin:tiny")))
     files = {}
-    for v in variants:
+    for v in sorted(variants, key=lambda v: v == "w8a8"):  # w8a8 reuses int8's file
         if v not in GGUF_TYPES:
             print(f"llama.cpp: {v} has no exact GGUF type, not compared")
+            continue
+        if v == "w8a8":  # the int8 checkpoint's very weights (RTN per channel); only llmopt quantizes activations
+            if "int8" in files:
+                files[v] = files["int8"]
+            else:
+                print("llama.cpp: w8a8 is compared on the int8 checkpoint's Q8_0 file: add int8 to --variants")
             continue
         ckpt = root / v
         if v == "fp32":
