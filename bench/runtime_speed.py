@@ -22,7 +22,8 @@ copied in, so use --vocab 1024 or more) is exported with `llmopt export --float-
 per channel to Q8_0, both exact, embeddings and head F32 as in llmopt's runtime — and `llama-bench -p 0 -n STEPS`
 runs on it in the same rounds, so both engines decode the very same weights. w8a8 (the int8 weights, activations
 quantized per token at run time) is set beside the same Q8_0 file: llama.cpp's Q8_0 dot products also quantize
-the activations to 8 bits (blocks of 32), so that pair does the same kind of arithmetic. --llamacpp-no-repack passes
+the activations to 8 bits (blocks of 32), so that pair does the same kind of arithmetic; the file is timed
+once a round for both. --llamacpp-no-repack passes
 `--repack 0` (where the OS does not grant AMX tiles, an AMX build of llama.cpp dies in its repacking).
 
     python bench/runtime_speed.py [--layers 22] [--threads N] [--prompt 128] [--steps 16] [--rounds 3]
@@ -119,15 +120,11 @@ def gguf_files(base: torch.nn.Module, variants: list[str], root: Path) -> dict[s
 
     tokenizer = Path(resolve_path(ModelSpec("builtin:tiny")))
     files = {}
-    for v in sorted(variants, key=lambda v: v == "w8a8"):  # w8a8 reuses int8's file
+    for v in variants:
         if v not in GGUF_TYPES:
             print(f"llama.cpp: {v} has no exact GGUF type, not compared")
             continue
-        if v == "w8a8":  # the int8 checkpoint's very weights (RTN per channel); only llmopt quantizes activations
-            if "int8" in files:
-                files[v] = files["int8"]
-            else:
-                print("llama.cpp: w8a8 is compared on the int8 checkpoint's Q8_0 file: add int8 to --variants")
+        if v == "w8a8":  # handled below: the int8 checkpoint's very weights
             continue
         ckpt = root / v
         if v == "fp32":
@@ -136,6 +133,11 @@ def gguf_files(base: torch.nn.Module, variants: list[str], root: Path) -> dict[s
             shutil.copy(tokenizer / name, ckpt / name)
         files[v] = root / f"{v}.gguf"
         export_gguf(ckpt, files[v], float_type="f32")
+    if "w8a8" in variants:  # same RTN per-channel weights as int8; only llmopt quantizes activations per token
+        if "int8" in files:
+            files["w8a8"] = files["int8"]
+        else:
+            print("llama.cpp: w8a8 is compared on the int8 checkpoint's Q8_0 file: add int8 to --variants")
     return files
 
 
@@ -211,13 +213,16 @@ def run_rounds(args, base: torch.nn.Module, variants: list[str], tmp: Path) -> N
     probe = []
     for _ in range(args.rounds):
         probe.append(read_bandwidth())
+        timed: dict[Path, float] = {}  # each GGUF file once a round (int8 and w8a8 share one)
         for v, m in models.items():
             pre, dec = measure(m, prompt, args.steps)
             results[v]["prefill"].append(pre)
             results[v]["decode"].append(dec)
             if v in files:
-                results[v]["llamacpp"].append(llama_bench(args.llamacpp_bin, files[v], args.steps, threads,
-                                                          not args.llamacpp_no_repack))
+                if files[v] not in timed:
+                    timed[files[v]] = llama_bench(args.llamacpp_bin, files[v], args.steps, threads,
+                                                  not args.llamacpp_no_repack)
+                results[v]["llamacpp"].append(timed[files[v]])
 
     print(f"\nread probe (float32 sum over 1 GiB, {threads} threads): {statistics.median(probe):.1f} GB/s "
           f"(rounds: {', '.join(f'{b:.1f}' for b in probe)})")
