@@ -315,6 +315,26 @@ def _decode_tok_s(model, batch: int, prompt: int = 128, steps: int = 32) -> floa
     return batch / statistics.median(times)
 
 
+def _launches_per_step(model) -> int | None:
+    """GPU kernels (and copies) one batch-1 decode step launches, read with torch.profiler: on a GPU a 1B
+    model's decode step is launch-bound, so this count, not the bytes, tells two checkpoints' speeds apart."""
+    if not DEVICE.startswith("cuda"):
+        return None
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), device=DEVICE)
+    with torch.inference_mode():
+        cache = DynamicCache()
+        tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(tok, past_key_values=cache, use_cache=True)
+            torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def step_runtime_decode(work: Path) -> dict:
     import torch
 
@@ -329,6 +349,7 @@ def step_runtime_decode(work: Path) -> dict:
             continue
         loaded = load_model(ModelSpec(str(work / name), DEVICE, "bfloat16", False))
         rows[name] = {f"b{b}_tok_s": _decode_tok_s(loaded.model, b) for b in (1, 16)}
+        rows[name]["launches_per_step"] = _launches_per_step(loaded.model)
         if name != "llama1b":
             rows[name]["kernels"] = kernel_summary(loaded.model)
         del loaded
@@ -338,7 +359,9 @@ def step_runtime_decode(work: Path) -> dict:
     for name, r in rows.items():
         ratio = "" if base is None or name == "llama1b" else \
             f" ({r['b1_tok_s'] / base['b1_tok_s']:.2f}×/{r['b16_tok_s'] / base['b16_tok_s']:.2f}× bf16)"
-        parts.append(f"{'bf16' if name == 'llama1b' else name.removeprefix('q-')} b1 {r['b1_tok_s']:.0f} b16 {r['b16_tok_s']:.0f} tok/s{ratio}")
+        launches = "" if r["launches_per_step"] is None else f", {r['launches_per_step']} GPU launches/step"
+        parts.append(f"{'bf16' if name == 'llama1b' else name.removeprefix('q-')} b1 {r['b1_tok_s']:.0f} "
+                     f"b16 {r['b16_tok_s']:.0f} tok/s{ratio}{launches}")
     return {"ok": base is not None and len(rows) > 1, "summary": "; ".join(parts) or "no checkpoints", "rows": rows}
 
 

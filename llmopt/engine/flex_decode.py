@@ -58,6 +58,15 @@ def _kernel(device_type: str) -> Callable:
     return flex_attention
 
 
+def _kernel_options(q: torch.Tensor, block_mask) -> dict | None:
+    """Triton's tile along the keys must divide the mask's KV block (one pool block): with a dynamic batch the
+    compiled call takes the main flex kernel, whose default tile (64–128 keys) does not divide a 16-slot block
+    and fails to lower (measured on an H200, torch 2.11). The eager reference takes no options."""
+    if q.device.type != "cuda":
+        return None
+    return {"BLOCK_N": min(block_mask.BLOCK_SIZE[1], 64)}
+
+
 def block_masks(tables: torch.Tensor, logical_first: torch.Tensor, positions: torch.Tensor, num_blocks: int,
                 block_size: int, windows: list[Window]) -> FlexRows:
     """tables [Bd, nb] long: each row's live pool blocks, padded with −1; logical_first [Bd]: the logical block
@@ -105,7 +114,7 @@ def attend(q: torch.Tensor, kflat: torch.Tensor, vflat: torch.Tensor, rows: Flex
     with warnings.catch_warnings():  # eager flex_attention warns that it is not compiled: known, on purpose
         warnings.simplefilter("ignore", UserWarning)
         out = _kernel(q.device.type)(q.unsqueeze(2), k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                     enable_gqa=True)  # [Bd, H, 1, Dv]
+                                     enable_gqa=True, kernel_options=_kernel_options(q, block_mask))  # [Bd, H, 1, Dv]
     return out[:, :, 0]
 
 

@@ -11,6 +11,7 @@ seeded per request the way llmopt's and vLLM's are).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 
@@ -36,6 +37,16 @@ def check_available(sampling: Sampling) -> None:
         raise LlmoptError("--engine hf-cb is a greedy cross-check: drop --temperature, or use --engine llmopt")
 
 
+def _cb_kwargs(config_cls, block_size: int, **kw) -> dict:
+    """The config's keywords across 5.x: the page size was `block_size` before 5.2x (`page_size` after), and
+    `auto_switch_to_flash` (off here: the cross-check keeps the model's own attention) is newer still."""
+    params = inspect.signature(config_cls).parameters
+    kw["page_size" if "page_size" in params else "block_size"] = block_size
+    if "auto_switch_to_flash" in params:
+        kw["auto_switch_to_flash"] = False
+    return kw
+
+
 # not under torch.inference_mode(): transformers' manager thread fails on inference tensors
 @torch.no_grad()
 def run_hf_cb(model, requests: list[Request], sampling: Sampling, block_size: int = 16,
@@ -48,9 +59,9 @@ def run_hf_cb(model, requests: list[Request], sampling: Sampling, block_size: in
     num_blocks = sum(blocks_for(len(r.prompt) + r.max_tokens, block_size) for r in requests)
     gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_tokens for r in requests), eos_token_id=-1,
                            pad_token_id=model.config.pad_token_id or 0)
-    cb = ContinuousBatchingConfig(page_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-                                  max_requests_per_batch=len(requests), auto_switch_to_flash=False,
-                                  allow_block_sharing=False)
+    cb = ContinuousBatchingConfig(**_cb_kwargs(ContinuousBatchingConfig, block_size, num_blocks=num_blocks,
+                                               max_batch_tokens=max_batch_tokens, max_requests_per_batch=len(requests),
+                                               allow_block_sharing=False))
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
     results: dict[str, object] = {}
     with model.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,

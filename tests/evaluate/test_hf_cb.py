@@ -36,3 +36,27 @@ def test_cli_hf_cb_perf_only(tiny_model_dir, tmp_path):
     assert e["perf"]["engine"] == "hf-cb" and e["perf"]["output_tokens_per_s"] > 0
     r = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--engine", "hf-cb", "--temperature", "0.7"])
     assert r.exit_code == 2 and "greedy" in r.output
+
+
+def test_config_keywords_follow_the_installed_transformers():
+    """transformers ≤ 5.1x names the page size `block_size` and has no `auto_switch_to_flash` (5.17 on the GPU
+    machine refused `page_size`); newer ones take `page_size` (and still accept `block_size` as an alias)."""
+    from dataclasses import dataclass
+
+    from llmopt.evaluate.hf_cb import _cb_kwargs
+
+    @dataclass
+    class Old:
+        block_size: int = 256
+        num_blocks: int | None = None
+
+    @dataclass
+    class New:
+        page_size: int = 256
+        num_blocks: int | None = None
+        auto_switch_to_flash: bool = True
+        block_size: int | None = None
+
+    assert _cb_kwargs(Old, 16, num_blocks=4) == {"block_size": 16, "num_blocks": 4}
+    assert _cb_kwargs(New, 16, num_blocks=4) == {"page_size": 16, "num_blocks": 4, "auto_switch_to_flash": False}
+    assert Old(**_cb_kwargs(Old, 16)).block_size == 16 and New(**_cb_kwargs(New, 16)).page_size == 16
