@@ -32,6 +32,7 @@ class QuantArgs:
     block_size: int = 128  # columns per lazy-update block
     act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
     static_groups: bool = False  # with act_order: group params fixed from the original column order
+    scale_search: bool = False  # group scales searched for the least Hessian-weighted error, not read off the range
     # SmoothQuant (w8a8)
     smoothquant_alpha: float = 0.5
     # AWQ

@@ -51,6 +51,10 @@ def quantize(
                                                                 "diagonal.")] = False,
     static_groups: Annotated[bool, typer.Option("--static-groups", help="GPTQ with --act-order: group parameters "
                                                                         "from the original order.")] = False,
+    scale_search: Annotated[bool, typer.Option("--scale-search", help="GPTQ: search each group's scale for the "
+                                               "least Hessian-weighted rounding error instead of taking its range "
+                                               "(for GGUF Q4_0: the grid llama.cpp's rule reaches, and finer).")]
+    = False,
     smoothquant_alpha: Annotated[float, typer.Option("--smoothquant-alpha", help="w8a8: migration strength.")] = 0.5,
     awq_grid: Annotated[int, typer.Option("--awq-grid", help="AWQ: grid points for α and for the clip ratio.")] = 20,
     awq_clip: Annotated[bool, typer.Option("--awq-clip/--no-awq-clip", help="AWQ: search a clip ratio per group.")]
@@ -105,7 +109,8 @@ def quantize(
     args = QuantizeArgs(
         model=model, out=out, method=method, bits=bits, group_size=group_size, sym=sym, format=format, calib=calib,
         samples=samples, seq_len=seq_len, split=split, text_field=text_field, chat_template=chat_template, damp=damp,
-        block_size=block_size, act_order=act_order, static_groups=static_groups, smoothquant_alpha=smoothquant_alpha,
+        block_size=block_size, act_order=act_order, static_groups=static_groups, scale_search=scale_search,
+        smoothquant_alpha=smoothquant_alpha,
         awq_grid=awq_grid, awq_clip=awq_clip, targets=targets or ["Linear"], ignore=ignore or [], evaluate=evaluate,
         eval_data=eval_data, eval_samples=eval_samples, eval_seq_len=eval_seq_len, device=device, dtype=dtype,
         calib_dtype=calib_dtype, trust_remote_code=trust_remote_code, revision=revision, seed=seed,

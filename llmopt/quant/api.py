@@ -50,6 +50,7 @@ class QuantizeArgs:
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    scale_search: bool = False
     smoothquant_alpha: float = 0.5
     awq_grid: int = 20
     awq_clip: bool = True
@@ -97,6 +98,9 @@ class QuantizeArgs:
             raise LlmoptError(f"--calib-dtype must be auto, model or bfloat16, got {self.calib_dtype!r}")
         if self.static_groups and not self.act_order:
             raise LlmoptError("--static-groups only matters with --act-order: add --act-order or drop it")
+        if self.scale_search and (self.method != "gptq" or self.backend != "llmopt"):
+            raise LlmoptError("--scale-search is llmopt's own GPTQ option: use --method gptq without --backend, "
+                              "or drop it")
         for name in ("samples", "seq_len", "eval_samples", "eval_seq_len", "block_size", "awq_grid"):
             if getattr(self, name) <= 0:
                 raise LlmoptError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -158,7 +162,8 @@ class QuantizeArgs:
     def quant_args(self) -> QuantArgs:
         return QuantArgs(bits=self.bits, group_size=self.group_size, sym=self.sym, damp=self.damp,
                          block_size=self.block_size, act_order=self.act_order, static_groups=self.static_groups,
-                         smoothquant_alpha=self.smoothquant_alpha, awq_grid=self.awq_grid, awq_clip=self.awq_clip)
+                         scale_search=self.scale_search, smoothquant_alpha=self.smoothquant_alpha,
+                         awq_grid=self.awq_grid, awq_clip=self.awq_clip)
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

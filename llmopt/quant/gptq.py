@@ -16,7 +16,7 @@ import torch
 
 from llmopt.checkpoint.types import QuantArgs, QuantizedWeight
 from llmopt.errors import LlmoptError
-from llmopt.quant.rtn import check_group_size, group_range, params_from_range
+from llmopt.quant.rtn import check_group_size, params_from_range, params_search
 
 SYM_BLOCK = 256  # XᵀX is built block-row by block-row above the diagonal: ~0.6× the flops of the full product
 
@@ -86,6 +86,7 @@ class _GroupParams:
     zeros: torch.Tensor
     static: bool  # fixed before the column loop (per-channel or --static-groups)
     col_group: torch.Tensor  # [in] group of each (permuted) column
+    hdiag: torch.Tensor | None  # [in] H's diagonal in the permuted order, the weights of --scale-search
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, consume_h: bool = False) -> QuantizedWeight:
@@ -100,7 +101,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, consume_h: 
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = torch.argsort(H.diagonal(), descending=True) if args.act_order else None  # [in]
-    params = _group_params(W, perm, args)
+    params = _group_params(W, H.diagonal(), perm, args)
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
@@ -117,23 +118,31 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, consume_h: 
                            g_idx=g_idx, bits=args.bits, group_size=args.group_size, sym=args.sym)
 
 
-def _group_params(W: torch.Tensor, perm: torch.Tensor | None, args: QuantArgs) -> _GroupParams:
+def _group_params(W: torch.Tensor, hdiag: torch.Tensor, perm: torch.Tensor | None, args: QuantArgs) -> _GroupParams:
     """Static groups: parameters fixed up front from the (original order) weight, so g_idx stays contiguous;
-    else empty, filled by the column loop at each group's first column."""
+    else empty, filled by the column loop at each group's first column. hdiag [in]: H's diagonal."""
     out, n_in = W.shape
     gs = n_in if args.group_size == -1 else args.group_size
     scales = torch.empty(out, n_in // gs, device=W.device)
     zeros = torch.empty(out, n_in // gs, device=W.device)
     static = args.group_size == -1 or args.static_groups
     if static:
-        wmin, wmax = group_range(W, args.group_size)
-        static_scale, static_zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
+        static_scale, static_zero = _params(W.view(out, n_in // gs, gs), hdiag.view(-1, gs), args)  # [out, G]
         scales.copy_(static_scale)
         zeros.copy_(static_zero)
     # group of each permuted column: contiguous in the original order (static) or the permuted one (dynamic)
     order = torch.arange(n_in, device=W.device)
     col_group = (perm if perm is not None and static else order) // gs  # [in]
-    return _GroupParams(scales, zeros, static, col_group)
+    weights = (hdiag if perm is None else hdiag[perm]).clone() if args.scale_search else None
+    return _GroupParams(scales, zeros, static, col_group, weights)
+
+
+def _params(w: torch.Tensor, hdiag: torch.Tensor | None, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros [out, G] of the groups w [out, G, gs]: searched against the error weighted by H's
+    diagonal [G, gs] (--scale-search), else from each group's range."""
+    if args.scale_search:
+        return params_search(w, args.bits, args.sym, hdiag)
+    return params_from_range(w.amin(-1), w.amax(-1), args.bits, args.sym)
 
 
 def _quantize_columns(W: torch.Tensor, U: torch.Tensor, params: _GroupParams, args: QuantArgs) -> torch.Tensor:
@@ -168,8 +177,9 @@ def _quantize_columns(W: torch.Tensor, U: torch.Tensor, params: _GroupParams, ar
                     if col + gs > i2:
                         rest = W[:, i2:col + gs] - E1[:i].t() @ U[i1:i1 + i, i2:col + gs]
                         cols = torch.cat([cols, rest], dim=1)  # [out, gs]
-                    s, z = params_from_range(cols.amin(1), cols.amax(1), args.bits, args.sym)
-                    scales[:, g], zeros[:, g] = s, z
+                    hd = None if params.hdiag is None else params.hdiag[col:col + gs].view(1, -1)  # [1, gs]
+                    s, z = _params(cols.unsqueeze(1), hd, args)  # [out, 1]
+                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
                     s_g, z_g = scales[:, g].contiguous(), zeros[:, g].contiguous()
                 elif i == 0 or col_group_list[col - 1] != g:
                     s_g, z_g = scales[:, g].contiguous(), zeros[:, g].contiguous()  # [out]
