@@ -51,9 +51,9 @@ def quantize(
                                                                 "diagonal.")] = False,
     static_groups: Annotated[bool, typer.Option("--static-groups", help="GPTQ with --act-order: group parameters "
                                                                         "from the original order.")] = False,
-    scale_search: Annotated[bool, typer.Option("--scale-search", help="GPTQ: search each group's scale for the "
-                                               "least Hessian-weighted rounding error instead of taking its range "
-                                               "(for GGUF Q4_0: the grid llama.cpp's rule reaches, and finer).")]
+    scale_search: Annotated[bool, typer.Option("--scale-search", help="GPTQ and RTN: search each group's scale "
+                                               "for the least rounding error (GPTQ: weighted by the Hessian's "
+                                               "diagonal) instead of taking its range.")]
     = False,
     smoothquant_alpha: Annotated[float, typer.Option("--smoothquant-alpha", help="w8a8: migration strength.")] = 0.5,
     awq_grid: Annotated[int, typer.Option("--awq-grid", help="AWQ: grid points for α and for the clip ratio.")] = 20,

@@ -98,9 +98,9 @@ class QuantizeArgs:
             raise LlmoptError(f"--calib-dtype must be auto, model or bfloat16, got {self.calib_dtype!r}")
         if self.static_groups and not self.act_order:
             raise LlmoptError("--static-groups only matters with --act-order: add --act-order or drop it")
-        if self.scale_search and (self.method != "gptq" or self.backend != "llmopt"):
-            raise LlmoptError("--scale-search is llmopt's own GPTQ option: use --method gptq without --backend, "
-                              "or drop it")
+        if self.scale_search and (self.method not in ("gptq", "rtn") or self.backend != "llmopt"):
+            raise LlmoptError("--scale-search is an option of llmopt's own GPTQ and RTN: use --method gptq or rtn "
+                              "without --backend, or drop it")
         for name in ("samples", "seq_len", "eval_samples", "eval_seq_len", "block_size", "awq_grid"):
             if getattr(self, name) <= 0:
                 raise LlmoptError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -106,14 +106,18 @@ def expand_groups(t: torch.Tensor, group_size: int, n_in: int) -> torch.Tensor:
 
 
 def rtn_quantize(w: torch.Tensor, args: QuantArgs, clip: torch.Tensor | None = None) -> QuantizedWeight:
-    """RTN of w [out, in]; `clip` [out, G] optionally shrinks each group's range (AWQ's clip search)."""
+    """RTN of w [out, in]; `clip` [out, G] optionally shrinks each group's range (AWQ's clip search), else
+    args.scale_search picks each group's scale for the least squared error (data-free: unweighted)."""
     out, n_in = w.shape
     check_group_size(n_in, args.group_size)
     w = w.float()
-    wmin, wmax = group_range(w, args.group_size)  # [out, G]
-    if clip is not None:
-        wmin, wmax = wmin * clip, wmax * clip
-    scale, zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
+    if args.scale_search and clip is None:
+        scale, zero = params_search(w.view(out, n_groups(n_in, args.group_size), -1), args.bits, args.sym)
+    else:
+        wmin, wmax = group_range(w, args.group_size)  # [out, G]
+        if clip is not None:
+            wmin, wmax = wmin * clip, wmax * clip
+        scale, zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
     # quantize_codes' arithmetic on the [out, G, gs] view, scale/zero broadcast per group: no [out, in] copies
     q = w.reshape(out, scale.shape[1], -1) / scale.unsqueeze(-1)  # [out, G, gs]
     q = q.round_().add_(zero.unsqueeze(-1)).clamp_(0, 2 ** args.bits - 1).reshape(out, n_in)

@@ -73,7 +73,7 @@ def nan_model(tiny_model_dir, tmp_path):
     ("short", ["--samples", "100000"], "fewer than"),
     ("method", ["--method", "nf4"], "unknown --method"),
     ("calib-dtype", ["--calib-dtype", "float16"], "--calib-dtype must be auto, model or bfloat16"),
-    ("scale-search", ["--method", "awq", "--scale-search"], "--scale-search is llmopt's own GPTQ option"),
+    ("scale-search", ["--method", "awq", "--scale-search"], "--scale-search is an option of llmopt's own GPTQ and RTN"),
 ])
 def test_bad_input_exits_2_and_leaves_nothing(tiny_model_dir, tmp_path, case, args, message):
     out = tmp_path / "q"
