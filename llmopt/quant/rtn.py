@@ -61,24 +61,18 @@ def params_search(w: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | 
     lo, hi = (0.80, (half - 0.5) / (half - 1)) if sym else (0.80, 1.0)
     ts = sorted({*torch.linspace(lo, hi, steps).tolist(), 1.0, *(((half - 0.5) / half,) if sym else ())})
     wmin, wmax = w.amin(-1), w.amax(-1)  # [out, G]
-    wt = None if weight is None else weight.to(w.dtype)  # [G, gs], broadcast over candidates and rows
     per_chunk = max(1, (1 << 24) // max(1, w.numel()))  # candidates tried at once: ≤ 16M elements in flight
-    best = best_s = best_z = None
+    best = torch.full_like(wmin, float("inf"))  # [out, G]
+    best_s, best_z = torch.empty_like(wmin), torch.empty_like(wmin)
     for i in range(0, len(ts), per_chunk):
         t = torch.tensor(ts[i:i + per_chunk], dtype=w.dtype, device=w.device).view(-1, 1, 1)  # [T, 1, 1]
         s, z = params_from_range(wmin * t, wmax * t, bits, sym)  # [T, out, G]
-        se, ze = s.unsqueeze(-1), z.unsqueeze(-1)
-        # fake_quantize(w) − w, squared, in one buffer [T, out, G, gs]
-        e = torch.div(w, se).round_().add_(ze).clamp_(0, 2 ** bits - 1).sub_(ze).mul_(se).sub_(w).pow_(2)
-        err = (e.mul_(wt) if weight is not None else e).sum(-1)  # [T, out, G]
-        err, k = err.min(0)  # [out, G]: the first best candidate of the chunk
-        s, z = s.gather(0, k[None])[0], z.gather(0, k[None])[0]
-        if best is None:
-            best, best_s, best_z = err, s, z
-            continue
+        e = fake_quantize(w, s.unsqueeze(-1), z.unsqueeze(-1), bits).sub_(w).pow_(2)  # [T, out, G, gs]
+        err, k = (e if weight is None else e.mul_(weight.to(w.dtype))).sum(-1).min(0)  # [out, G]: first best
         better = err < best
         best = torch.where(better, err, best)
-        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_s = torch.where(better, s.gather(0, k[None])[0], best_s)
+        best_z = torch.where(better, z.gather(0, k[None])[0], best_z)
     return best_s, best_z
 
 
@@ -89,14 +83,10 @@ def group_range(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return g.amin(-1), g.amax(-1)
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of w given broadcastable scale/zero (same shape as w after broadcasting)."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
-
-
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize then dequantize (same broadcasting rules as quantize_codes)."""
-    return (quantize_codes(w, scale, zero, bits) - zero) * scale
+    """Quantize, codes clamp(round(w / scale) + zero, 0, 2**bits − 1), then dequantize; scale and zero broadcast
+    against w. One buffer of the broadcast shape: the scale searches call it on [candidates, out, G, gs]."""
+    return torch.div(w, scale).round_().add_(zero).clamp_(0, 2 ** bits - 1).sub_(zero).mul_(scale)
 
 
 def expand_groups(t: torch.Tensor, group_size: int, n_in: int) -> torch.Tensor:
@@ -118,7 +108,7 @@ def rtn_quantize(w: torch.Tensor, args: QuantArgs, clip: torch.Tensor | None = N
         if clip is not None:
             wmin, wmax = wmin * clip, wmax * clip
         scale, zero = params_from_range(wmin, wmax, args.bits, args.sym)  # [out, G]
-    # quantize_codes' arithmetic on the [out, G, gs] view, scale/zero broadcast per group: no [out, in] copies
+    # the codes on the [out, G, gs] view, scale/zero broadcast per group: no [out, in] copies
     q = w.reshape(out, scale.shape[1], -1) / scale.unsqueeze(-1)  # [out, G, gs]
     q = q.round_().add_(zero.unsqueeze(-1)).clamp_(0, 2 ** args.bits - 1).reshape(out, n_in)
     return QuantizedWeight(qweight=q.to(torch.uint8), scales=scale, zeros=zero.to(torch.int32), g_idx=None,
