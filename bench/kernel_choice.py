@@ -1,7 +1,9 @@
 """Which kernel of each QuantLinear kind wins, per shape and M bucket: the measurements behind
 llmopt.runtime.linear's kernel rule (`_RULES`).
 
-Every candidate in a module's kernel table (the fp32 `dequant` reference included, for comparison) is timed
+Every candidate in a module's kernel table (the fp32 `dequant` reference included, for comparison) is timed,
+and where runtime/vnni.py runs here also torch's kernels (a module built with vnni keeps only its layout, so
+a second module is built with LLMOPT_VNNI=0 and its kernels are timed beside it),
 on random RTN weights: per (kind, N×K, group size, M) the median of --repeats timed calls after a warm-up,
 measured in interleaved rounds so machine noise hits all candidates alike. Prints one row per case with each
 kernel's median in µs, the fastest non-reference kernel, the rule's pick and its slowdown against the fastest.
@@ -14,6 +16,7 @@ kernel's median in µs, the fastest non-reference kernel, the rule's pick and it
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -21,7 +24,13 @@ import torch
 
 from llmopt.checkpoint.types import QuantArgs
 from llmopt.quant.rtn import rtn_quantize
-from llmopt.runtime.linear import QuantLinear, _bucket, build_linear, rule_kernel
+from llmopt.runtime.linear import (
+    VNNI_ENV,
+    QuantLinear,
+    _bucket,
+    build_linear,
+    rule_kernel,
+)
 
 # (label, bits, group size, act bits): one case per QuantLinear kind and group-size regime
 CASES = [("int4 g128", 4, 128, None), ("int4 g32", 4, 32, None), ("int8 per-ch", 8, -1, None),
@@ -36,11 +45,11 @@ def time_once(fn, x: torch.Tensor, sync) -> float:
     return time.perf_counter() - t0
 
 
-def bench_module(module: QuantLinear, m: int, repeats: int, rounds: int, device: torch.device) -> dict[str, float]:
+def bench_module(module: QuantLinear, table: dict, m: int, repeats: int, rounds: int,
+                 device: torch.device) -> dict[str, float]:
     """kernel name → median seconds for an [m, K] input, candidates interleaved call by call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.randn(m, module.in_features, device=device)  # [M, K]
-    table = module.table()
     for fn in table.values():  # warm-up: allocations, oneDNN primitives
         fn(x)
     times: dict[str, list[float]] = {name: [] for name in table}
@@ -50,11 +59,24 @@ def bench_module(module: QuantLinear, m: int, repeats: int, rounds: int, device:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def build(bits: int, gs: int, act_bits: int | None, n: int, k: int, device: torch.device) -> QuantLinear:
+def build(bits: int, gs: int, act_bits: int | None, n: int, k: int, device: torch.device) -> tuple[QuantLinear, dict]:
+    """The module the runtime builds here, and every candidate kernel: its own and, beside vnni, torch's."""
     torch.manual_seed(0)
     qw = rtn_quantize(torch.randn(n, k) * 0.02, QuantArgs(bits=bits, group_size=gs))
     qw.act_bits = act_bits
-    return build_linear(qw, device, torch.float32)
+    module = build_linear(qw, device, torch.float32)
+    if module.vnni is None:
+        return module, module.table()
+    before = os.environ.get(VNNI_ENV)
+    os.environ[VNNI_ENV] = "0"
+    try:
+        torch_module = build_linear(qw, device, torch.float32)
+    finally:
+        if before is None:
+            del os.environ[VNNI_ENV]
+        else:
+            os.environ[VNNI_ENV] = before
+    return module, {**torch_module.table(), **module.table()}
 
 
 def report(label: str, shape: str, m: int, module: QuantLinear, med: dict[str, float]) -> str:
@@ -83,10 +105,10 @@ def main() -> None:
     for label, bits, gs, act_bits in (c for c in CASES if c[0] in args.cases.split(",")):
         for shape in args.shapes.split(","):
             n, k = (int(v) for v in shape.split("x"))
-            module = build(bits, gs, act_bits, n, k, device)
+            module, table = build(bits, gs, act_bits, n, k, device)
             for m in (int(v) for v in args.ms.split(",")):
-                print(report(label, shape, m, module, bench_module(module, m, args.repeats, args.rounds, device)),
-                      flush=True)
+                med = bench_module(module, table, m, args.repeats, args.rounds, device)
+                print(report(label, shape, m, module, med), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 from llmopt.errors import LlmoptError
 from llmopt.families import linear_like, moe
-from llmopt.runtime.linear import QuantLinear, build_linear, clear_kernel_cache
+from llmopt.runtime.linear import QuantLinear, build_linear, clear_kernel_cache, fuse_siblings
 
 
 def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -66,6 +66,7 @@ def load_quantized_model(path: Path, config, device: torch.device, dtype: torch.
     if still_empty:
         raise LlmoptError(f"{path}: the checkpoint lacks {still_empty[0]} (and {len(still_empty) - 1} more tensors)")
     model.to(device)
+    fuse_siblings(model)  # q/k/v and gate/up as one kernel call each (CPU vnni layers only)
     model.config = config
     model.kv_cache_scales = kv_table  # the engine's --kv-dtype int8/fp8 uses them as static per-layer scales
     model.eval()

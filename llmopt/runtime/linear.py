@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from llmopt.errors import LlmoptError
 from llmopt.checkpoint.formats.packing import pack_nibbles, unpack_nibbles
 from llmopt.checkpoint.types import QuantizedWeight
+from llmopt.errors import LlmoptError
 from llmopt.runtime import kernels as K
+from llmopt.runtime import vnni as V
 from llmopt.utils import fast_bf16, llmopt_home, write_json
 
 ANY_M = 1 << 62
@@ -42,17 +43,26 @@ ANY_M = 1 << 62
 # 15 ms → 210 ms from M=1 to 256 and the low-bit kernels won at every M up to 256 (3-6×).
 # CUDA rows are not measured (no GPU here): tinygemm int4pack is built for small batches and cuBLAS bf16 for
 # large ones, so the same split; W8A8's cuBLASLt _int_mm is the only non-reference kernel.
+# "vnni" (runtime/vnni.py, where the CPU has AVX512-VNNI; a module built with it keeps no torch kernel layout):
+# bench/kernel_choice.py-style timings on a 2-core AMD EPYC (AVX-512, no AMX), torch 2.13, 2 threads, 5632×2048:
+# 1.7-1.8× int4pack at M = 1 (g32 and g128), 1.6-2.8× at M = 4-64, 2.6× dequant-bf16 at M = 128 and 1.5× at
+# 512; 2.6× int8pack at M = 1, 1.9-2.9× at M = 4-64. With AMX tiles (Intel Sapphire Rapids on) the bf16 GEMM of
+# dequant-bf16 is several times faster than without, so there it keeps M > 128 (not measured against vnni).
+# W8A8 runs vnni at every M although oneDNN's _int_mm is faster for long prefills (0.97B Llama at M = 128: 184 vs
+# 228 tok/s), because a module keeps one layout and decode is where the time goes.
+_VNNI_MAX_M = 128 if V.cpu_has_amx() else ANY_M
 _RULES: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
-    ("int4", "cpu"): ((128, "int4pack"), (ANY_M, "dequant-bf16")),
-    ("int4", "cpu-slow-bf16"): ((ANY_M, "int4pack"), (ANY_M, "dequant-bf16")),
+    ("int4", "cpu"): ((_VNNI_MAX_M, "vnni"), (128, "int4pack"), (ANY_M, "dequant-bf16")),
+    ("int4", "cpu-slow-bf16"): ((ANY_M, "vnni"), (ANY_M, "int4pack"), (ANY_M, "dequant-bf16")),
     ("int4", "cuda"): ((64, "int4pack"), (ANY_M, "dequant-bf16")),
-    ("int8", "cpu"): ((64, "int8pack"), (ANY_M, "dequant-bf16")),
-    ("int8", "cpu-slow-bf16"): ((ANY_M, "int8pack"), (ANY_M, "dequant-bf16")),
+    ("int8", "cpu"): ((_VNNI_MAX_M, "vnni"), (64, "int8pack"), (ANY_M, "dequant-bf16")),
+    ("int8", "cpu-slow-bf16"): ((ANY_M, "vnni"), (ANY_M, "int8pack"), (ANY_M, "dequant-bf16")),
     ("int8", "cuda"): ((ANY_M, "dequant-bf16"),),
-    ("w8a8", "cpu"): ((ANY_M, "int_mm"),),
-    ("w8a8", "cpu-slow-bf16"): ((ANY_M, "int_mm"),),
+    ("w8a8", "cpu"): ((ANY_M, "vnni"), (ANY_M, "int_mm"),),
+    ("w8a8", "cpu-slow-bf16"): ((ANY_M, "vnni"), (ANY_M, "int_mm"),),
     ("w8a8", "cuda"): ((ANY_M, "int_mm"),),
 }
+VNNI_ENV = "LLMOPT_VNNI"  # "0": build CPU modules with torch's kernels (bf16 activations) instead of vnni's
 TUNE_ENV = "LLMOPT_KERNEL_TUNE"
 _TIMING_REPEATS = 5
 _TUNED: dict[str, str] | None = None  # kernels.json's timed choices, read on first use (tuning opted into)
@@ -142,6 +152,10 @@ class QuantLinear(torch.nn.Module):
         self.device_class = device_class(device)
         self.force_kernel: str | None = os.environ.get("LLMOPT_KERNEL") or None
         self.used: dict[int, str] = {}  # M bucket → kernel that ran
+        self.vnni: V.Packed | None = None
+        self._ruled: dict[int, str] = {}  # M bucket → the rule's kernel
+        self._kernel: V.Kernel | None = None
+        self.siblings: Siblings | None = None  # set by fuse_siblings
         self._table: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
         bias = None if qw.bias is None else qw.bias.detach().to(device=device, dtype=dtype)
         self.register_buffer("bias", bias)
@@ -153,6 +167,32 @@ class QuantLinear(torch.nn.Module):
         if perm is not None:
             self.perm = perm.to(device)
         return qw
+
+    def _vnni_ok(self, device: torch.device, group_size: int, zeros: torch.Tensor) -> bool:
+        """Whether this module runs runtime/vnni.py's kernel (then it keeps only that layout)."""
+        return (device.type == "cpu" and os.environ.get(VNNI_ENV, "1") != "0" and V.unavailable() is None
+                and V.supported(self.out_features, self.in_features, group_size) and V.exact_in_half(zeros))
+
+    def _pack_vnni(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, sym_zero: float,
+                   group_size: int, per_token: bool = False) -> None:
+        """Codes [N, K], scales and zeros [N, G] → the tile16 buffers; zeros are kept only when not all sym_zero."""
+        asym = not bool((zeros == sym_zero).all())
+        half = V.exact_in_half(scales)
+        # scales and zeros kept as their bits in integer tensors, so model.to(dtype) leaves them alone
+        self.register_buffer("vnni_tiles", V.pack_codes(q, self.bits))
+        self.register_buffer("vnni_scales", V.as_bits(V.pack_groups(scales, half)))
+        self.register_buffer("vnni_zeros", V.as_bits(V.pack_groups(zeros, True)) if asym else None)
+        self.vnni = V.Packed(V.Variant(self.bits, asym, half), self.out_features, self.in_features, group_size,
+                             per_token)
+
+    def _vnni(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None or self._kernel.tensors[0] is not self.vnni_tiles:  # bind once (again if replaced)
+            self._kernel = V.Kernel(self.vnni, self.vnni_tiles, self.vnni_scales, self.vnni_zeros)
+        return self._kernel(x)
+
+    def _vnni_s8(self) -> torch.Tensor:
+        """[N, K] int8 weight codes − 128 from the vnni layout (8-bit modules' dequant paths)."""
+        return (V.unpack_codes(self.vnni_tiles, 8).to(torch.int16) - 128).to(torch.int8)
 
     def kernels(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Candidate kernels for this module on its device, name → fn([M, K]) → [M, N] float32."""
@@ -199,7 +239,9 @@ class QuantLinear(torch.nn.Module):
         bucket = _bucket(x2d.shape[0])
         if os.environ.get(TUNE_ENV) == "1":
             return self._tuned(bucket, x2d)
-        return rule_kernel(self.kind, self.device_class, bucket, table, self.reference_kernel())
+        if bucket not in self._ruled:  # the rule is fixed per bucket: look it up once (decode calls this per token)
+            self._ruled[bucket] = rule_kernel(self.kind, self.device_class, bucket, table, self.reference_kernel())
+        return self._ruled[bucket]
 
     def _tuned(self, bucket: int, x2d: torch.Tensor) -> str:
         """The timed choice for this shape on this machine: kernels.json's, else timed now and stored there."""
@@ -224,7 +266,10 @@ class QuantLinear(torch.nn.Module):
             x2d = x2d.index_select(1, self.perm)
         name = self.select(x2d)
         self.used[_bucket(x2d.shape[0])] = name
-        y = self.table()[name](x2d).to(x.dtype)  # [M, N]
+        if name == "vnni" and self.siblings is not None and self.perm is None:
+            y = self.siblings.output(self, x, x2d).to(x.dtype)  # [M, N]
+        else:
+            y = self.table()[name](x2d).to(x.dtype)  # [M, N]
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
@@ -269,6 +314,10 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales", scales)
         self.register_buffer("zero_scale", zeros * scales)  # [N, G]
         self.register_buffer("nibbles", None)
+        if self._vnni_ok(device, qw.group_size, zeros):
+            self._pack_vnni(q, scales, zeros, 8.0, qw.group_size)
+            self.has_int4pack = False
+            return
         self.has_int4pack = K.int4pack_supported(self.out_features, self.in_features, qw.group_size, device)
         if self.has_int4pack:
             self.register_buffer("packed", K.int4pack_weight(q))
@@ -281,6 +330,8 @@ class Int4Linear(QuantLinear):
 
     def codes(self) -> torch.Tensor:
         """[N, K] uint8 codes for the dequant paths, from whichever packed copy this module keeps."""
+        if self.vnni is not None:
+            return V.unpack_codes(self.vnni_tiles, 4)
         if self.nibbles is not None:
             return unpack_nibbles(self.nibbles)
         return K.unpack_int4pack_cpu(self.packed, self.out_features, self.in_features)
@@ -292,6 +343,8 @@ class Int4Linear(QuantLinear):
         table = self._dequant_kernels()
         if self.has_int4pack:
             table["int4pack"] = lambda x: K.int4pack_mm(x, self.packed, self.kernel_gs, self.scale_zeros)
+        if self.vnni is not None:
+            table["vnni"] = self._vnni
         return table
 
 
@@ -308,19 +361,25 @@ class Int8Linear(QuantLinear):
         qw = self._contiguous(qw, device)
         gs = self.in_features if qw.group_size == -1 else qw.group_size
         self.n_groups = self.in_features // gs
-        self.register_buffer("w_s8", (qw.qweight.to(device).to(torch.int16) - 128).to(torch.int8))  # [N, K]
         scales = qw.scales.float().to(device)  # [N, G]
+        zeros = qw.zeros.float().to(device)  # [N, G]
         self.register_buffer("scales", scales)
-        self.register_buffer("zero_shift", (128 - qw.zeros.float().to(device)) * scales)  # [N, G]
+        self.register_buffer("zero_shift", (128 - zeros) * scales)  # [N, G]
         self.per_channel = self.n_groups == 1
-        self.has_int8pack = self.per_channel and device.type == "cpu"
+        self.register_buffer("w_s8", None)
+        if self._vnni_ok(device, qw.group_size, zeros):
+            self._pack_vnni(qw.qweight.to(device), scales, zeros, 128.0, qw.group_size)
+        else:
+            self.w_s8 = (qw.qweight.to(device).to(torch.int16) - 128).to(torch.int8)  # [N, K]
+        self.has_int8pack = self.per_channel and device.type == "cpu" and self.vnni is None
         self.asym = bool((qw.zeros.float() != 128).any())
         if self.has_int8pack:
             self.register_buffer("scales_bf16", scales[:, 0].to(torch.bfloat16))
 
     def _dequant(self, dtype: torch.dtype) -> torch.Tensor:
-        n, k = self.w_s8.shape
-        w = self.w_s8.view(n, self.n_groups, k // self.n_groups).to(dtype)  # [N, G, gs]
+        w_s8 = self._vnni_s8() if self.vnni is not None else self.w_s8
+        n, k = w_s8.shape
+        w = w_s8.view(n, self.n_groups, k // self.n_groups).to(dtype)  # [N, G, gs]
         return (w * self.scales.to(dtype)[..., None] + self.zero_shift.to(dtype)[..., None]).view(n, k)
 
     def _int8pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,6 +392,8 @@ class Int8Linear(QuantLinear):
         table = self._dequant_kernels()
         if self.has_int8pack:
             table["int8pack"] = self._int8pack
+        if self.vnni is not None:
+            table["vnni"] = self._vnni
         return table
 
 
@@ -345,17 +406,79 @@ class W8A8Linear(QuantLinear):
         super().__init__(qw, device, dtype)
         if qw.group_size != -1 or not bool((qw.zeros.float() == 128).all()):
             raise LlmoptError("W8A8 layers need symmetric per-channel int8 weights")
-        w = (qw.qweight.to(device).to(torch.int16) - 128).to(torch.int8)  # [N, K]
-        self.register_buffer("w_s8", w)
-        self.register_buffer("w_colsum", w.to(torch.int32).sum(1))  # [N], removes the u8 offset
         self.register_buffer("w_scales", qw.scales.float().to(device).view(1, -1))  # [1, N]
-        self.int_mm_ok = device.type == "cpu" or (self.in_features % 8 == 0 and self.out_features % 8 == 0)
+        self.register_buffer("w_s8", None)
+        self.register_buffer("w_colsum", None)
+        zeros = qw.zeros.float().to(device)
+        if self._vnni_ok(device, -1, zeros):  # the same integer products as int_mm: per-token activations
+            self._pack_vnni(qw.qweight.to(device), self.w_scales.view(-1, 1), zeros, 128.0, -1, per_token=True)
+        else:
+            w = (qw.qweight.to(device).to(torch.int16) - 128).to(torch.int8)  # [N, K]
+            self.w_s8, self.w_colsum = w, w.to(torch.int32).sum(1)  # [N, K], [N] (removes the u8 offset)
+        self.int_mm_ok = self.vnni is None and (device.type == "cpu" or (self.in_features % 8 == 0
+                                                                          and self.out_features % 8 == 0))
 
     def kernels(self):
-        table = {"dequant": lambda x: K.w8a8_reference(x, self.w_s8.float() * self.w_scales.view(-1, 1))}
+        w_s8 = self._vnni_s8 if self.vnni is not None else (lambda: self.w_s8)
+        table = {"dequant": lambda x: K.w8a8_reference(x, w_s8().float() * self.w_scales.view(-1, 1))}
         if self.int_mm_ok:
             table["int_mm"] = lambda x: K.int_mm_w8a8(x, self.w_s8.t(), self.w_colsum, self.w_scales)
+        if self.vnni is not None:
+            table["vnni"] = self._vnni
         return table
+
+
+# Sibling projections that read one input tensor in the standard decoder blocks (Llama, Qwen, Mistral, Gemma,
+# their MoE experts): one vnni call computes all of them (one activation quantization, one thread launch).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class Siblings:
+    """Layers of one input run as one vnni kernel; each layer takes its own columns of the joint output.
+
+    The joint output is reused only by the first call of each member on the very same input tensor (object
+    identity, and its version counter where it has one), so a layer called twice, or on anything else,
+    computes afresh.
+    """
+
+    def __init__(self, members: list[QuantLinear]):
+        joint, views = V.concat([(m.vnni, m.vnni_tiles, m.vnni_scales, m.vnni_zeros) for m in members])
+        self.kernel = V.Kernel(*joint)
+        self.cols, start = {}, 0
+        for m, (tiles, scales, zeros) in zip(members, views):
+            m.vnni_tiles, m.vnni_scales = tiles, scales  # the layer's buffers become views of the joint storage
+            if zeros is not None:
+                m.vnni_zeros = zeros
+            m.siblings = self
+            self.cols[id(m)] = (start, start + m.out_features)
+            start += m.out_features
+        self._key: tuple | None = None
+        self._out: torch.Tensor | None = None
+        self._unread: set[int] = set()
+
+    def output(self, m: QuantLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+        key = (x, None if x.is_inference() else x._version)
+        if self._key is None or self._key[0] is not x or self._key[1] != key[1] or id(m) not in self._unread:
+            self._out, self._key, self._unread = self.kernel(x2d), key, set(self.cols)
+        self._unread.discard(id(m))
+        if not self._unread:
+            self._key = None  # every member has read it: drop the reference to the input
+        a, b = self.cols[id(m)]
+        return self._out[:, a:b].contiguous()
+
+
+def fuse_siblings(model: torch.nn.Module) -> int:
+    """Join each parent's SIBLINGS that run vnni on the same variant and input size; the number of groups."""
+    groups = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, QuantLinear) and m.vnni is not None and m.perm is None for m in members):
+                continue
+            if len({(m.vnni.variant, m.vnni.per_token, m.in_features, m.vnni.group_size) for m in members}) == 1:
+                Siblings(members)
+                groups += 1
+    return groups
 
 
 def _uniform_groups(qw: QuantizedWeight) -> bool:

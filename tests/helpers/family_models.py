@@ -1,6 +1,6 @@
 """Random tiny decoders of every family llmopt claims (hidden 64, 2-4 layers), built in the test in seconds.
 
-`FAMILIES` is the coverage list the tests and bench/coverage.py walk. Each config is the family's own
+`FAMILIES` is the coverage list the tests and bench/family_coverage.py walk. Each config is the family's own
 transformers config with only the sizes changed, plus what makes the family's special path run at a tiny size:
 a sliding window shorter than the prompts (mistral, gemma2/3, exaone4, starcoder2), hybrid `layer_types`,
 attention/final logit softcapping (gemma2), MLA (deepseek_v3), parallel blocks (phi, gpt_neox, falcon, cohere).

@@ -14,8 +14,8 @@ import torch
 from tests.helpers.rtn import rtn
 
 from llmopt.runtime import build_linear, clear_kernel_cache
-from llmopt.runtime import linear
-from llmopt.runtime.linear import ANY_M, TUNE_ENV, rule_kernel
+from llmopt.runtime import linear, vnni
+from llmopt.runtime.linear import ANY_M, TUNE_ENV, VNNI_ENV, rule_kernel
 
 CPU = torch.device("cpu")
 MS = (1, 3, 16, 40, 64, 100, 128, 129, 300, 1000)
@@ -24,6 +24,12 @@ MS = (1, 3, 16, 40, 64, 100, 128, 129, 300, 1000)
 # w8a8, and a 3-bit layer (dequant only)
 VARIANTS = {"int4": (64, 4, 32, None), "int4 odd N": (24, 4, 32, None), "int8 per-ch": (64, 8, -1, None),
             "int8 g32": (64, 8, 32, None), "w8a8": (64, 8, -1, 8), "3-bit": (64, 3, 32, None)}
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels(monkeypatch):
+    """These tests pin torch's kernel tables; tests/runtime/test_runtime_vnni.py covers the vnni rows."""
+    monkeypatch.setenv(VNNI_ENV, "0")
 
 
 def _module(variant: str):
@@ -67,12 +73,18 @@ def test_rule_picks_a_kernel_of_the_table_for_every_kind_and_bucket():
                 assert name in table and (name != ref or len(table) == 1), (variant, device, bucket, name)
 
 
-def test_rule_rows_name_real_kernels():
+def test_rule_rows_name_real_kernels(monkeypatch):
     """A misspelt kernel in _RULES would silently fall through to the fallback: every name must exist."""
     names: dict[str, set[str]] = {}
-    for variant in VARIANTS:
-        module = _module(variant)
-        names.setdefault(module.kind, set()).update(module.table())
+    for setting in ("0", "1"):  # torch's tables, and vnni's where this CPU runs it
+        monkeypatch.setenv(VNNI_ENV, setting)
+        for variant in VARIANTS:
+            module = _module(variant)
+            names.setdefault(module.kind, set()).update(module.table())
+    if vnni.unavailable() is None:
+        assert {"int4", "int8", "w8a8"} <= {kind for kind, ks in names.items() if "vnni" in ks}
+    else:  # the rows cannot be checked against a module here
+        names = {kind: ks | {"vnni"} for kind, ks in names.items()}
     for (kind, device), rows in linear._RULES.items():
         assert device in ("cpu", "cpu-slow-bf16", "cuda")
         assert rows[-1][0] == ANY_M, (kind, device)  # the last row covers every M: no bucket left to the fallback

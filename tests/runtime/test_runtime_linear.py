@@ -9,10 +9,16 @@ from tests.helpers.rtn import rtn
 
 from llmopt.errors import LlmoptError
 from llmopt.runtime import build_linear, clear_kernel_cache
-from llmopt.runtime.linear import Int4Linear, Int8Linear, W8A8Linear
+from llmopt.runtime.linear import VNNI_ENV, Int4Linear, Int8Linear, W8A8Linear
 
 N, K = 64, 256
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels(monkeypatch):
+    """torch's kernels (bf16 activations); tests/runtime/test_runtime_vnni.py covers the vnni modules."""
+    monkeypatch.setenv(VNNI_ENV, "0")
 
 
 def _weight(seed: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ each method (rtn, int8, w8a8, gptq, awq):
              the runtime's exact fp32 kernels (must agree) and with its default per-batch-size kernels.
 The float model's own engine check is the `float` row. GPTQ < RTN is checked per family at the same bits.
 
-    python bench/coverage.py [--families llama gemma2 ...] [--methods gptq awq] [--json coverage.json]
+    python bench/family_coverage.py [--families llama gemma2 ...] [--methods gptq awq] [--json coverage.json]
 """
 
 from __future__ import annotations
