@@ -231,8 +231,9 @@ class QuantLinear(torch.nn.Module):
                               f"load the checkpoint with device={x2d.device.type}")
         if self.force_kernel:
             if self.force_kernel not in table:
+                hint = f" (torch's kernels: {VNNI_ENV}=0)" if self.vnni is not None else ""
                 raise LlmoptError(f"kernel {self.force_kernel!r} is not available for {self.kind} on "
-                                  f"{x2d.device.type}: choose one of {', '.join(table)}")
+                                  f"{x2d.device.type}: choose one of {', '.join(table)}{hint}")
             return self.force_kernel
         if len(table) == 1:
             return next(iter(table))

@@ -210,81 +210,74 @@ def _address(v: Variant) -> int:
 
 
 @functools.cache
-def _quantizers():
-    """numba-compiled activation quantizers → (xq [M, K] int8, xd [M, K/32], xs [M, K/32] float32)."""
+def _quantizer():
+    """numba-compiled activation quantizer → (xq [M, K] int8, xd [M, K/32], xs [M, K/32] float32).
+
+    Per block of 32: absmax/127, round half to even. Per token (W8A8, kernels.quantize_per_token's arithmetic):
+    absmax/127.5 over the row, clamp to [-128, 127], round half to even, the row's scale in every block.
+    xs = Σ codes of the block · zero (sym layers fold their constant zero in here).
+    """
     import numba
 
     @numba.njit(nogil=True, cache=True)
-    def blocks(x, zero):  # absmax/127 per block of 32, round half to even; xs = Σ codes · zero
+    def quantize(x, zero, per_token):
         m, k = x.shape
         xq, xd, xs = np.empty((m, k), np.int8), np.empty((m, k // 32), np.float32), np.empty((m, k // 32), np.float32)
         for i in range(m):
+            row_scale = np.float32(0.0)
+            if per_token:
+                for j in range(k):
+                    row_scale = max(row_scale, abs(x[i, j]))
+                row_scale = row_scale / np.float32(127.5)
+                if row_scale == 0:
+                    row_scale = np.finfo(np.float32).eps
             for blk in range(k // 32):
-                amax = np.float32(0.0)
-                for j in range(blk * 32, blk * 32 + 32):
-                    amax = max(amax, abs(x[i, j]))
-                d = amax / np.float32(127.0)
+                d = row_scale
+                if not per_token:
+                    for j in range(blk * 32, blk * 32 + 32):
+                        d = max(d, abs(x[i, j]))
+                    d = d / np.float32(127.0)
                 total = 0
                 for j in range(blk * 32, blk * 32 + 32):
-                    q = int(np.rint(x[i, j] / d)) if d > 0 else 0
+                    q = int(np.rint(min(max(x[i, j] / d, np.float32(-128.0)), np.float32(127.0)))) if d > 0 else 0
                     xq[i, j] = q
                     total += q
                 xd[i, blk] = d
                 xs[i, blk] = np.float32(total) * zero
         return xq, xd, xs
 
-    @numba.njit(nogil=True, cache=True)
-    def per_token(x, zero):  # kernels.quantize_per_token's arithmetic: absmax/127.5, clamp, round half to even
-        m, k = x.shape
-        xq, xd, xs = np.empty((m, k), np.int8), np.empty((m, k // 32), np.float32), np.empty((m, k // 32), np.float32)
-        for i in range(m):
-            amax = np.float32(0.0)
-            for j in range(k):
-                amax = max(amax, abs(x[i, j]))
-            s = amax / np.float32(127.5)
-            if s == 0:
-                s = np.finfo(np.float32).eps
-            for blk in range(k // 32):
-                total = 0
-                for j in range(blk * 32, blk * 32 + 32):
-                    q = int(np.rint(min(max(x[i, j] / s, np.float32(-128.0)), np.float32(127.0))))
-                    xq[i, j] = q
-                    total += q
-                xd[i, blk] = s
-                xs[i, blk] = np.float32(total) * zero
-        return xq, xd, xs
-
-    return blocks, per_token
+    return quantize
 
 
 @functools.cache
 def _runner(v: Variant, per_token: bool):
-    """numba function: quantize the activations, then run the compiled tiles over `threads` row ranges."""
+    """numba functions (serial, parallel): quantize the activations, then run the compiled tiles — in one call,
+    or over `threads` row ranges. The serial one has no parallel region, so one thread starts no pool."""
     import numba
 
     tiles = ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * _N_ARGS)(_address(v))
-    quant = _quantizers()[1 if per_token else 0]
+    quant = _quantizer()
     zero = np.float32(1.0 if v.asym else (8.0 if v.bits == 4 else 128.0))  # sym: fold the zero into xs
 
     @numba.njit(parallel=True, nogil=True)
     def parallel(x, w, s, z, out, n_tiles, n_groups, bpg, threads):
-        xq, xd, xs = quant(x, zero)
+        xq, xd, xs = quant(x, zero, per_token)
         for i in numba.prange(threads):
             tiles(n_tiles * i // threads, n_tiles * (i + 1) // threads, x.shape[0], n_tiles, n_groups, bpg,
                   w, xq.ctypes.data, xd.ctypes.data, xs.ctypes.data, s, z, out)
 
     @numba.njit(nogil=True)
-    def serial(x, w, s, z, out, n_tiles, n_groups, bpg, threads):  # no parallel region: no pool kept spinning
-        xq, xd, xs = quant(x, zero)
+    def serial(x, w, s, z, out, n_tiles, n_groups, bpg):
+        xq, xd, xs = quant(x, zero, per_token)
         tiles(0, n_tiles, x.shape[0], n_tiles, n_groups, bpg, w, xq.ctypes.data, xd.ctypes.data, xs.ctypes.data,
               s, z, out)
 
-    return lambda *args: (parallel if args[-1] > 1 else serial)(*args)
+    return serial, parallel
 
 
 def quantize_activations(x: torch.Tensor, per_token: bool = False) -> tuple[torch.Tensor, ...]:
     """[M, K] float → (xq int8 [M, K], xd [M, K/32], raw block sums [M, K/32]) as the kernel makes them."""
-    xq, xd, xs = _quantizers()[1 if per_token else 0](x.detach().float().contiguous().numpy(), np.float32(1.0))
+    xq, xd, xs = _quantizer()(x.detach().float().contiguous().numpy(), np.float32(1.0), per_token)
     return torch.from_numpy(xq), torch.from_numpy(xd), torch.from_numpy(xs)
 
 
@@ -354,13 +347,18 @@ class Kernel:
 
     def __init__(self, p: Packed, tiles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None):
         self.p, self.tensors = p, (tiles, scales, zeros)  # the tensors stay referenced: the pointers stay valid
-        self.run = _runner(p.variant, p.per_token)
+        self.serial, self.parallel = _runner(p.variant, p.per_token)
         self.args = (tiles.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr())
         self.shape = (p.n_tiles, p.n_groups, p.blocks_per_group)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.p.n_out, dtype=torch.float32)
-        self.run(x.detach().float().contiguous().numpy(), *self.args, out.data_ptr(), *self.shape, _threads())
+        args = (x.detach().float().contiguous().numpy(), *self.args, out.data_ptr(), *self.shape)
+        threads = _threads()
+        if threads > 1:
+            self.parallel(*args, threads)
+        else:
+            self.serial(*args)
         return out
 
 
@@ -381,15 +379,18 @@ def concat(packs: list[tuple[Packed, torch.Tensor, torch.Tensor, torch.Tensor | 
     return (joint_p, *joined), views
 
 
-_THREADS = [0]
+_THREADS = [0, 0]  # torch's thread count last seen, and what numba's pool was set to for it
 
 
 def _threads() -> int:
-    """torch's intra-op thread count, mirrored into numba's pool (set only when it changes)."""
-    import numba
+    """torch's intra-op thread count, mirrored into numba's pool when it changes (one thread runs serial, so
+    numba's pool is never started for it)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        return 1
+    if n != _THREADS[0]:
+        import numba
 
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if n != _THREADS[0] and n > 1:  # one thread runs the serial path: numba's pool is never started for it
-        numba.set_num_threads(n)
-        _THREADS[0] = n
-    return n
+        _THREADS[:] = [n, min(n, numba.config.NUMBA_NUM_THREADS)]
+        numba.set_num_threads(_THREADS[1])
+    return _THREADS[1]

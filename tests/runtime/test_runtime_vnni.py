@@ -4,6 +4,7 @@ that use it and the rule that picks it. Skipped where the kernel cannot run (no 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,7 @@ def test_missing_numba_is_reported(tmp_path):
             "m = build_linear(rtn(torch.randn(64, 256), 4, 32, True), torch.device('cpu'), torch.float32); "
             "print(vnni.unavailable(), '|', sorted(m.kernels()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[2], env={**__import__("os").environ,
+                         cwd=Path(__file__).parents[2], env={**os.environ,
                                                              "PYTHONPATH": f"{tmp_path}:{Path(__file__).parents[2]}"})
     assert out.stdout.strip() == "numba is not installed (pip install numba) | ['dequant', 'dequant-bf16', 'int4pack']"
 
