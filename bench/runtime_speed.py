@@ -14,6 +14,10 @@ batch-1 decode a float lm_head over a 32k vocabulary is a fixed cost the quantiz
 Full depth matters: with fewer layers the float lm_head and the per-step fixed costs weigh more than
 they do in any real model. Threads default to torch's default (all cores).
 
+`no-matmul` is the float model with every decoder Linear replaced by a stub that returns zeros: its decode step
+is what the decoder costs outside the matmuls (transformers' eager norms, rotary, KV cache, attention and module
+calls), printed as a share of each variant's step.
+
 Each variant's decode also reads as a weight bandwidth (weight bytes / step time), printed beside a read
 probe of the machine (a sum over 1 GiB of float32 at the same threads).
 
@@ -53,6 +57,31 @@ def build_float(args) -> torch.nn.Module:
                       max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
+
+
+class _FreeMatmul(torch.nn.Module):
+    """Stands in for a decoder Linear at (almost) no cost: returns one zeros tensor per input shape."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.zeros: dict[torch.Size, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        if shape not in self.zeros:
+            self.zeros[shape] = x.new_zeros(*shape, self.out_features)
+        return self.zeros[shape]
+
+
+def without_matmuls(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every decoder Linear free: its decode step is what the decoder costs outside the matmuls
+    (norms, rotary, KV cache, attention, module dispatch; lm_head stays)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
+                setattr(parent, name, _FreeMatmul(child.out_features))
+    return model
 
 
 def quantized(model: torch.nn.Module, variant: str, root: Path, group_size: int = 128) -> torch.nn.Module:
@@ -121,6 +150,8 @@ def gguf_files(base: torch.nn.Module, variants: list[str], root: Path) -> dict[s
     tokenizer = Path(resolve_path(ModelSpec("builtin:tiny")))
     files = {}
     for v in variants:
+        if v == "no-matmul":
+            continue
         if v not in GGUF_TYPES:
             print(f"llama.cpp: {v} has no exact GGUF type, not compared")
             continue
@@ -171,7 +202,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16, help="decode steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default="fp32,int4,int8,w8a8,int4+head,int8+head",
-                   help="any of fp32, bf16, int4, int8, w8a8, each quantized one optionally with +head")
+                   help="any of fp32, bf16, int4, int8, w8a8 (each quantized one optionally with +head), and "
+                        "no-matmul (the float model with free decoder Linears: the decoder's fixed cost)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size")
     p.add_argument("--llamacpp-bin", type=Path, help="llama.cpp's build/bin: run llama-bench on the same weights")
     p.add_argument("--llamacpp-no-repack", action="store_true", help="pass --repack 0 to llama-bench")
@@ -200,6 +232,8 @@ def run_rounds(args, base: torch.nn.Module, variants: list[str], tmp: Path) -> N
             models[v] = base
         elif v == "bf16":
             models[v] = build_float(args).to(torch.bfloat16)
+        elif v == "no-matmul":
+            models[v] = without_matmuls(build_float(args))
         else:
             models[v] = quantized(base, v, tmp, args.group_size)
         gc.collect()
@@ -244,8 +278,14 @@ def run_rounds(args, base: torch.nn.Module, variants: list[str], tmp: Path) -> N
             line += f" {lc:9.2f} {GGUF_TYPES[v]:>6} {(1 / dec) / lc:17.2f}  (rounds {rounds})"
         print(line)
     for v, m in models.items():
-        if v not in ("fp32", "bf16"):
+        if v not in ("fp32", "bf16", "no-matmul"):
             print(f"kernels {v}: {kernel_summary(m)}")
+    if "no-matmul" in results:
+        fixed = statistics.median(results["no-matmul"]["decode"])
+        shares = ", ".join(f"{v} {fixed / statistics.median(r['decode']):.0%}" for v, r in results.items()
+                           if v != "no-matmul")
+        print(f"decoder outside the matmuls (no-matmul): {fixed * 1e3:.2f} ms a decode step; share of each step: "
+              f"{shares}")
 
 if __name__ == "__main__":
     main()

@@ -65,6 +65,7 @@ _RULES: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
 VNNI_ENV = "LLMOPT_VNNI"  # "0": build CPU modules with torch's kernels (bf16 activations) instead of vnni's
 TUNE_ENV = "LLMOPT_KERNEL_TUNE"
 _TIMING_REPEATS = 5
+_PLANNED_M = 256  # inputs of up to this many rows keep their bound path (see QuantLinear._plan)
 _TUNED: dict[str, str] | None = None  # kernels.json's timed choices, read on first use (tuning opted into)
 
 
@@ -150,16 +151,39 @@ class QuantLinear(torch.nn.Module):
         self.bits, self.group_size = qw.bits, qw.group_size
         self.device_type = device.type  # kernel layouts are device-specific (CPU and CUDA int4pack differ)
         self.device_class = device_class(device)
+        self._plans: dict[int, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}  # M → the bound path
         self.force_kernel: str | None = os.environ.get("LLMOPT_KERNEL") or None
         self.used: dict[int, str] = {}  # M bucket → kernel that ran
         self.vnni: V.Packed | None = None
-        self._ruled: dict[int, str] = {}  # M bucket → the rule's kernel
         self._kernel: V.Kernel | None = None
-        self.siblings: Siblings | None = None  # set by fuse_siblings
+        self._siblings: Siblings | None = None  # set by fuse_siblings
         self._table: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
         bias = None if qw.bias is None else qw.bias.detach().to(device=device, dtype=dtype)
         self.register_buffer("bias", bias)
         self.register_buffer("perm", None)
+
+    # Pinning a kernel or joining siblings changes what a forward runs: both drop the bound paths.
+    @property
+    def force_kernel(self) -> str | None:
+        return self._force_kernel
+
+    @force_kernel.setter
+    def force_kernel(self, name: str | None) -> None:
+        self._force_kernel = name
+        self._plans.clear()
+
+    @property
+    def siblings(self) -> Siblings | None:
+        return self._siblings
+
+    @siblings.setter
+    def siblings(self, group: Siblings | None) -> None:
+        self._siblings = group
+        self._plans.clear()
+
+    def _apply(self, fn, recurse=True):
+        self._plans.clear()  # .to()/.half() replace the bias and perm a bound path holds
+        return super()._apply(fn, recurse)
 
     def _contiguous(self, qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
         """qw with act-order groups made contiguous; the column permutation is kept for the inputs."""
@@ -186,9 +210,12 @@ class QuantLinear(torch.nn.Module):
                              per_token)
 
     def _vnni(self, x: torch.Tensor) -> torch.Tensor:
+        return self._vnni_kernel()(x)
+
+    def _vnni_kernel(self) -> V.Kernel:
         if self._kernel is None or self._kernel.tensors[0] is not self.vnni_tiles:  # bind once (again if replaced)
             self._kernel = V.Kernel(self.vnni, self.vnni_tiles, self.vnni_scales, self.vnni_zeros)
-        return self._kernel(x)
+        return self._kernel
 
     def _vnni_s8(self) -> torch.Tensor:
         """[N, K] int8 weight codes − 128 from the vnni layout (8-bit modules' dequant paths)."""
@@ -240,9 +267,7 @@ class QuantLinear(torch.nn.Module):
         bucket = _bucket(x2d.shape[0])
         if os.environ.get(TUNE_ENV) == "1":
             return self._tuned(bucket, x2d)
-        if bucket not in self._ruled:  # the rule is fixed per bucket: look it up once (decode calls this per token)
-            self._ruled[bucket] = rule_kernel(self.kind, self.device_class, bucket, table, self.reference_kernel())
-        return self._ruled[bucket]
+        return rule_kernel(self.kind, self.device_class, bucket, table, self.reference_kernel())
 
     def _tuned(self, bucket: int, x2d: torch.Tensor) -> str:
         """The timed choice for this shape on this machine: kernels.json's, else timed now and stored there."""
@@ -257,23 +282,53 @@ class QuantLinear(torch.nn.Module):
             write_json(tuned_cache_path(), choices)
         return choices[key]
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        if torch.is_grad_enabled():  # nothing here trains: keep the float paths from recording a graph
+            with torch.no_grad():
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)  # [M, K]
-        if x2d.shape[0] == 0:
-            return x.new_empty(*lead, self.out_features)
-        if self.perm is not None:  # act-order: weights were permuted at load time, inputs follow
-            x2d = x2d.index_select(1, self.perm)
+        m = x2d.shape[0]
+        if x.device.type != self.device_type:
+            raise LlmoptError(f"a {self.kind} layer packed for {self.device_type} got {x.device.type} inputs: "
+                              f"load the checkpoint with device={x.device.type}")
+        run = self._plans.get(m)
+        if run is None:
+            if m == 0:
+                return x.new_empty(*x.shape[:-1], self.out_features)
+            run = self._plan(x2d)
+            if m <= _PLANNED_M:  # decode and small batches repeat their M every step; prefill lengths vary
+                self._plans[m] = run
+        return run(x, x2d).view(*x.shape[:-1], self.out_features)
+
+    def _plan(self, x2d: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The path for inputs of x2d's M, bound once: decode runs it every token, so the kernel choice, the
+        sibling check and the bias test are made here rather than per call. Returns fn(x, x2d) → [M, N]."""
         name = self.select(x2d)
         self.used[_bucket(x2d.shape[0])] = name
-        if name == "vnni" and self.siblings is not None and self.perm is None:
-            y = self.siblings.output(self, x, x2d).to(x.dtype)  # [M, N]
+        fn, perm, bias, siblings = self.table()[name], self.perm, self.bias, self.siblings
+        if name == "vnni":
+            fn = self._vnni_kernel()  # bound now: .to() and fuse_siblings, which replace the buffers, drop plans
+
+        if name == "vnni" and siblings is not None and perm is None:
+            def core(x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+                return siblings.output(self, x, x2d)
+        elif perm is not None:  # act-order: weights were permuted at load time, inputs follow
+            def core(x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+                return fn(x2d.index_select(1, perm))
         else:
-            y = self.table()[name](x2d).to(x.dtype)  # [M, N]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*lead, self.out_features)
+            def core(x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+                return fn(x2d)
+
+        def run(x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+            y = core(x, x2d)  # [M, N] float32 (or x's dtype)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+            return y if bias is None else y + bias
+
+        return run
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
@@ -453,17 +508,18 @@ class Siblings:
             m.siblings = self
             self.cols[id(m)] = (start, start + m.out_features)
             start += m.out_features
-        self._key: tuple | None = None
+        self._x: torch.Tensor | None = None  # the input the joint output is of, and its version
+        self._version: int | None = None
         self._out: torch.Tensor | None = None
         self._unread: set[int] = set()
 
     def output(self, m: QuantLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
-        key = (x, None if x.is_inference() else x._version)
-        if self._key is None or self._key[0] is not x or self._key[1] != key[1] or id(m) not in self._unread:
-            self._out, self._key, self._unread = self.kernel(x2d), key, set(self.cols)
+        version = None if x.is_inference() else x._version
+        if self._x is not x or self._version != version or id(m) not in self._unread:
+            self._out, self._x, self._version, self._unread = self.kernel(x2d), x, version, set(self.cols)
         self._unread.discard(id(m))
         if not self._unread:
-            self._key = None  # every member has read it: drop the reference to the input
+            self._x = None  # every member has read it: drop the reference to the input
         a, b = self.cols[id(m)]
         return self._out[:, a:b].contiguous()
 

@@ -353,12 +353,15 @@ class Kernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.p.n_out, dtype=torch.float32)
-        args = (x.detach().float().contiguous().numpy(), *self.args, out.data_ptr(), *self.shape)
+        if x.dtype != torch.float32 or x.requires_grad or not x.is_contiguous():
+            x = x.detach().float().contiguous()
+        w, s, z = self.args
+        n_tiles, n_groups, bpg = self.shape
         threads = _threads()
         if threads > 1:
-            self.parallel(*args, threads)
+            self.parallel(x.numpy(), w, s, z, out.data_ptr(), n_tiles, n_groups, bpg, threads)
         else:
-            self.serial(*args)
+            self.serial(x.numpy(), w, s, z, out.data_ptr(), n_tiles, n_groups, bpg)
         return out
 
 

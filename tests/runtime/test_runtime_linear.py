@@ -164,3 +164,27 @@ def test_int4pack_splits_large_groups(gs):
     module.force_kernel = "int4pack"
     x = torch.randn(2, 1024)
     _check(module(x), _reference(x, qw, None), "int4pack")
+
+
+def test_bound_paths_follow_pins_casts_and_grad():
+    """Each M's path is bound at its first call (decode repeats it every token): pinning a kernel and casting
+    the module afterwards must still take effect, and a grad-enabled call records no graph."""
+    bias = torch.randn(N) * 0.1
+    qw = rtn(_weight(9), 4, 32, True, bias=bias)
+    module = build_linear(qw, CPU, torch.float32)
+    x = torch.randn(1, K)
+    ref = _reference(x, qw, bias)
+    _check(module(x), ref, module.used[1])
+    module.force_kernel = "dequant"
+    _check(module(x), ref, "dequant")
+    assert module.used[1] == "dequant"
+    module.to(torch.bfloat16)  # the bias a bound path held is replaced by its bf16 copy
+    y = module(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    _check(y, ref, "bf16")
+    module.float()
+    out = module(x.clone().requires_grad_())
+    assert not out.requires_grad
+    for m in range(300, 304):  # prefill lengths vary: their paths are not kept
+        assert module(torch.randn(m, K)).shape == (m, N)
+    assert max(module._plans) <= 256

@@ -202,3 +202,20 @@ def test_sibling_projections_run_as_one_call_with_equal_logits(tmp_path, monkeyp
         x.mul_(2)  # changed in place: the joint output of the old values must not be reused
         assert torch.equal(layer.k_proj(x), alone.model.layers[0].self_attn.k_proj(x))
         assert not torch.equal(layer.k_proj(x), first)
+
+
+def test_joining_siblings_after_a_call_rebinds_them():
+    """A layer that already ran (its path bound to its own kernel) runs the joint kernel once fused, with
+    the same result: the joint rows are its rows."""
+    from llmopt.runtime.linear import Siblings
+
+    torch.manual_seed(6)
+    members = [build_linear(rtn(torch.randn(n, 256) * 0.05, 4, 32, True), CPU, torch.float32) for n in (64, 32)]
+    x = torch.randn(1, 256)
+    alone = [m(x) for m in members]
+    group = Siblings(members)
+    calls = []
+    run = group.kernel.__call__
+    group.kernel = type("Counted", (), {"__call__": lambda self, a: calls.append(1) or run(a)})()
+    assert all(torch.equal(m(x), y) for m, y in zip(members, alone))
+    assert len(calls) == 1
