@@ -140,10 +140,26 @@ def _time(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
     return statistics.median(times)
 
 
+class _Rebinds:
+    """A QuantLinear attribute a bound path depends on: setting it drops the module's bound paths."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__[self.slot]
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+        obj._plans.clear()
+
+
 class QuantLinear(torch.nn.Module):
     """Shared plumbing: shape handling, act-order input permutation, bias, kernel selection."""
 
     kind = "quant"
+    force_kernel = _Rebinds()  # pinning a kernel changes what a forward runs
+    siblings = _Rebinds()  # so does joining a sibling group (fuse_siblings)
 
     def __init__(self, qw: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -156,30 +172,11 @@ class QuantLinear(torch.nn.Module):
         self.used: dict[int, str] = {}  # M bucket → kernel that ran
         self.vnni: V.Packed | None = None
         self._kernel: V.Kernel | None = None
-        self._siblings: Siblings | None = None  # set by fuse_siblings
+        self.siblings: Siblings | None = None  # set by fuse_siblings
         self._table: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
         bias = None if qw.bias is None else qw.bias.detach().to(device=device, dtype=dtype)
         self.register_buffer("bias", bias)
         self.register_buffer("perm", None)
-
-    # Pinning a kernel or joining siblings changes what a forward runs: both drop the bound paths.
-    @property
-    def force_kernel(self) -> str | None:
-        return self._force_kernel
-
-    @force_kernel.setter
-    def force_kernel(self, name: str | None) -> None:
-        self._force_kernel = name
-        self._plans.clear()
-
-    @property
-    def siblings(self) -> Siblings | None:
-        return self._siblings
-
-    @siblings.setter
-    def siblings(self, group: Siblings | None) -> None:
-        self._siblings = group
-        self._plans.clear()
 
     def _apply(self, fn, recurse=True):
         self._plans.clear()  # .to()/.half() replace the bias and perm a bound path holds
@@ -308,9 +305,9 @@ class QuantLinear(torch.nn.Module):
         sibling check and the bias test are made here rather than per call. Returns fn(x, x2d) → [M, N]."""
         name = self.select(x2d)
         self.used[_bucket(x2d.shape[0])] = name
-        fn, perm, bias, siblings = self.table()[name], self.perm, self.bias, self.siblings
-        if name == "vnni":
-            fn = self._vnni_kernel()  # bound now: .to() and fuse_siblings, which replace the buffers, drop plans
+        # the vnni kernel is bound now: .to() and fuse_siblings, which replace its buffers, drop the plans
+        fn = self._vnni_kernel() if name == "vnni" else self.table()[name]
+        perm, bias, siblings = self.perm, self.bias, self.siblings
 
         if name == "vnni" and siblings is not None and perm is None:
             def core(x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
